@@ -1,0 +1,70 @@
+"""The `salmonn` command. Commands register here; heavy imports happen inside the commands that need them.
+
+One table (`salmonn_cli.errors`) gives every user error its exit code; `main()` applies it, so a user sees
+one clear line on stderr and no traceback (set SALMONN_DEBUG=1 to see it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from ..errors import SalmonnError
+
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="salmonn",
+    help="Local, offline audio understanding with the SALMONN audio LLM: speech, sounds and music.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"salmonn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """Local, offline audio understanding with the SALMONN audio LLM."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: run the app and turn our errors into one line and an exit code."""
+    debug = os.environ.get("SALMONN_DEBUG") == "1"
+    try:
+        app(args=argv, prog_name="salmonn", standalone_mode=False)
+    except SalmonnError as exc:
+        if debug:
+            raise
+        print(f"salmonn: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("salmonn: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        return EXIT_INTERRUPTED
+    except typer.TyperException as exc:  # usage errors from the command-line parser: they print themselves
+        exc.show()
+        return getattr(exc, "exit_code", 2)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
