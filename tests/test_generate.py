@@ -1,0 +1,310 @@
+"""Decoding: transformers 4.28 generate() semantics, checked on the reference cases and on hand-made score tables."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from salmonn_cli.errors import UsageError
+from salmonn_cli.generate import DecodeOptions, DecodeOutput, GenerationResult, Timings, decode
+from tests.reference import case_paths, load_case
+
+CASES = case_paths()
+CASE_IDS = [path.stem for path in CASES]
+EOS = 2
+
+
+# --------------------------------------------------------------------------------------------------
+# reference cases
+
+
+def _build_reference_lm(components: Path):
+    """LLaMA + SALMONN's LoRA matrices (the real loader may replace this builder)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    lm = LlamaForCausalLM.from_pretrained(components / "llm", dtype=torch.float32)
+    lm = get_peft_model(lm, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    sd = torch.load(components / "salmonn.pth", map_location="cpu", weights_only=True)["model"]
+    lora = {k[len("llama_model.") :]: v for k, v in sd.items() if ".lora_" in k}
+    missing, unexpected = lm.load_state_dict(lora, strict=False)
+    assert not unexpected, unexpected
+    assert not [key for key in missing if ".lora_" in key], "some LoRA weights of the model were not in the file"
+    lm.eval()
+    # the names line up: every LoRA tensor of the file is now the model's, and the model has no other LoRA tensor
+    state = lm.state_dict()
+    model_lora = {key for key in state if ".lora_" in key}
+    assert lora and model_lora == set(lora), (sorted(model_lora ^ set(lora)))[:4]
+    for key, value in lora.items():
+        assert torch.equal(state[key], value.to(state[key].dtype)), key
+    return lm
+
+
+@pytest.fixture(scope="session")
+def reference_lm():
+    """`reference_lm(case)` -> the case's LM (LoRA scale lora_alpha / r), built once per component set."""
+    built: dict[Path, object] = {}
+
+    def get(case):
+        key = case.components.resolve()
+        if key not in built:
+            built[key] = _build_reference_lm(case.components)
+        return built[key]
+
+    return get
+
+
+@contextlib.contextmanager
+def lora_scaling(lm, value: float):
+    """Set every LoRA layer's scaling['default'] (as the reference's variants did), restore afterwards."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [module for module in lm.modules() if isinstance(module, LoraLayer)]
+    assert layers
+    saved = [layer.scaling["default"] for layer in layers]
+    for layer in layers:
+        layer.scaling["default"] = value
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, saved):
+            layer.scaling["default"] = old
+
+
+def _embeds(case) -> torch.Tensor:
+    embeds = torch.from_numpy(case.arrays["inputs_embeds"])
+    assert embeds.dim() == 3 and embeds.shape[0] == 1
+    return embeds
+
+
+@pytest.mark.parametrize("json_path", CASES, ids=CASE_IDS)
+def test_reference_lora_scale_is_alpha_over_rank(json_path, reference_lm):
+    from peft.tuners.lora import LoraLayer
+
+    case = load_case(json_path)
+    scales = {m.scaling["default"] for m in reference_lm(case).modules() if isinstance(m, LoraLayer)}
+    assert scales == {case.meta["lora_scale"]}
+
+
+@pytest.mark.parametrize("json_path", CASES, ids=CASE_IDS)
+def test_reference_greedy(json_path, reference_lm):
+    case = load_case(json_path)
+    out = decode(reference_lm(case), _embeds(case), DecodeOptions(**case.meta["generation"]["greedy"]))
+    expected = case.arrays["greedy_ids"]
+    assert expected[0] == 1  # the 4.28 placeholder, not a generated id
+    assert list(out.token_ids) == expected[1:].tolist()
+    reference_scores = case.arrays["greedy_scores"][:, : case.vocab_size]  # drop the [PAD] column
+    assert out.step_scores.shape == reference_scores.shape
+    assert out.step_scores.dtype == np.float32
+    worst = float(np.abs(out.step_scores - reference_scores).max())
+    assert worst <= 1e-3, f"greedy scores differ by {worst:.3g}"
+
+
+@pytest.mark.parametrize("json_path", CASES, ids=CASE_IDS)
+def test_reference_beam(json_path, reference_lm):
+    case = load_case(json_path)
+    out = decode(reference_lm(case), _embeds(case), DecodeOptions(**case.meta["generation"]["beam"]))
+    assert list(out.token_ids) == case.arrays["beam_ids"][1:].tolist()
+    # the reference's log-softmax had one more ([PAD]) column: scores agree only to ~1e-5 here
+    assert out.sequence_score == pytest.approx(float(case.arrays["beam_sequence_score"]), abs=1e-3)
+
+
+@pytest.mark.parametrize("scale, key", [(2.0, "greedy_ids_lora_scale_2p0"), (0.0, "greedy_ids_lora_scale_0p0")])
+@pytest.mark.parametrize("json_path", CASES, ids=CASE_IDS)
+def test_reference_greedy_lora_scale_variants(json_path, scale, key, reference_lm):
+    case = load_case(json_path)
+    assert scale in case.meta["lora_scale_variants"]
+    lm = reference_lm(case)
+    with lora_scaling(lm, scale):
+        out = decode(lm, _embeds(case), DecodeOptions(**case.meta["generation"]["greedy"]))
+    assert list(out.token_ids) == case.arrays[key][1:].tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# 4.28 semantics on a fake LM whose next-token logits are a fixed function of the row's generated ids
+
+
+class PrefixCache:
+    """Stands in for DynamicCache: remembers the ids each row was fed, follows beam reordering."""
+
+    def __init__(self, rows: list[tuple[int, ...]]) -> None:
+        self.rows = rows
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.rows = [row for row in self.rows for _ in range(repeats)]
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.rows = [self.rows[i] for i in beam_idx.tolist()]
+
+
+class TableLM(torch.nn.Module):
+    """Causal-LM call signature; logits = table(ids generated so far in that row)."""
+
+    def __init__(self, table) -> None:
+        super().__init__()
+        self.table = table
+        self.calls: list[dict] = []
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                past_key_values=None, use_cache=True):
+        self.calls.append(
+            {"input_ids": None if input_ids is None else input_ids.tolist(), "embeds": inputs_embeds is not None,
+             "position_ids": position_ids.tolist(), "mask_len": attention_mask.shape[-1]}
+        )
+        if inputs_embeds is not None:
+            assert past_key_values is None
+            cache = PrefixCache([()] * inputs_embeds.shape[0])
+            seq = inputs_embeds.shape[1]
+        else:
+            cache = past_key_values
+            cache.rows = [row + (token,) for row, token in zip(cache.rows, input_ids[:, -1].tolist())]
+            seq = 1
+        last = torch.stack([self.table(row) for row in cache.rows])
+        logits = torch.zeros(last.shape[0], seq, last.shape[1])
+        logits[:, -1] = last
+        return SimpleNamespace(logits=logits, past_key_values=cache)
+
+
+def raw_logits(vocab: int, values: dict[int, float], rest: float = 0.0) -> torch.Tensor:
+    out = torch.full((vocab,), rest)
+    for token, value in values.items():
+        out[token] = value
+    return out
+
+
+def log_probs(vocab: int, probs: dict[int, float]) -> torch.Tensor:
+    """Log of a distribution: the named probabilities, the remaining mass spread evenly over the other ids."""
+    rest = (1.0 - sum(probs.values())) / (vocab - len(probs))
+    return torch.tensor([math.log(probs.get(i, rest)) for i in range(vocab)], dtype=torch.float32)
+
+
+EMBEDS = torch.zeros(1, 5, 8)
+GREEDY = dict(num_beams=1, max_new_tokens=4)
+
+
+def test_placeholder_is_never_fed_and_positions_continue_after_the_prompt():
+    lm = TableLM(lambda row: raw_logits(6, {3: 1.0}))  # always 3: runs to max_new_tokens
+    out = decode(lm, EMBEDS, DecodeOptions(**GREEDY))
+    assert out.token_ids == (3, 3, 3, 3)  # no eos appended when max_new_tokens ends generation
+    assert lm.calls[0]["embeds"] and lm.calls[0]["position_ids"] == [[0, 1, 2, 3, 4]]
+    assert [call["input_ids"] for call in lm.calls[1:]] == [[[3]]] * 3
+    assert [call["position_ids"] for call in lm.calls[1:]] == [[[5]], [[6]], [[7]]]
+    assert [call["mask_len"] for call in lm.calls] == [5, 6, 7, 8]
+
+
+def test_repetition_penalty_hits_the_placeholder_id_from_the_first_step():
+    lm = TableLM(lambda row: raw_logits(6, {1: 2.0, 3: 1.5, EOS: -5.0} if not row else {1: 0.5, 3: 1.5, EOS: 1.2}))
+    plain = decode(lm, EMBEDS, DecodeOptions(**GREEDY, repetition_penalty=1.0))
+    assert plain.token_ids[0] == 1
+    penalised = decode(lm, EMBEDS, DecodeOptions(**GREEDY, repetition_penalty=1.5))
+    # id 1 is in the ids (the placeholder) before anything was generated: 2.0 / 1.5 < 1.5
+    assert penalised.step_scores[0, 1] == pytest.approx(2.0 / 1.5)
+    assert penalised.token_ids[0] == 3
+    # step 2: the generated 3 is penalised too (1.5 / 1.5 = 1.0 < eos 1.2)
+    assert penalised.step_scores[1, 3] == pytest.approx(1.0)
+    assert penalised.token_ids == (3, EOS)
+
+
+def test_eos_at_the_first_step_is_allowed_with_min_length_1():
+    lm = TableLM(lambda row: raw_logits(6, {EOS: 3.0, 4: 2.0}))
+    assert decode(lm, EMBEDS, DecodeOptions(**GREEDY, min_length=1)).token_ids == (EOS,)
+    # min_length counts the placeholder: 2 blocks eos at the first step only
+    blocked = decode(lm, EMBEDS, DecodeOptions(**GREEDY, min_length=2))
+    assert blocked.token_ids == (4, EOS)
+    assert blocked.step_scores[0, EOS] == -math.inf
+    beam = decode(lm, EMBEDS, DecodeOptions(num_beams=2, max_new_tokens=4, min_length=1))
+    assert beam.token_ids == (EOS,)
+
+
+def _placeholder_table(row: tuple[int, ...]) -> torch.Tensor:
+    # A = [3, </s>] with sum log-prob -1.0, B = [4, 5, </s>] with -1.8:
+    # 4.28 (placeholder counted): A -1.0/2 = -0.50 beats B -1.8/3 = -0.60;
+    # counting new ids only:     A -1.0/1 = -1.00 loses to B -1.8/2 = -0.90.
+    vocab = 6
+    if row == ():
+        return log_probs(vocab, {3: 0.5, 4: 0.49})
+    if row == (3,):
+        return log_probs(vocab, {EOS: math.exp(-1.0) / 0.5, 5: 0.25})
+    if row == (4,):
+        return log_probs(vocab, {5: 0.95})
+    if row == (4, 5):
+        return log_probs(vocab, {EOS: math.exp(-1.8) / (0.49 * 0.95)})
+    return log_probs(vocab, {})
+
+
+def test_beam_length_normalisation_counts_the_placeholder():
+    out = decode(TableLM(_placeholder_table), EMBEDS, DecodeOptions(num_beams=2, max_new_tokens=3))
+    assert out.token_ids == (3, EOS)
+    assert out.sequence_score == pytest.approx(-1.0 / 2, abs=1e-5)
+
+
+def test_beam_unfinished_hypotheses_are_normalised_by_placeholder_plus_new_ids():
+    table = {(): {3: 0.6, 4: 0.3}, (3,): {4: 0.7}, (4,): {3: 0.5}}
+    out = decode(TableLM(lambda row: log_probs(6, table.get(row, {5: 0.9}))), EMBEDS,
+                 DecodeOptions(num_beams=2, max_new_tokens=2))
+    assert out.token_ids == (3, 4)  # ran out of length: no eos
+    assert out.sequence_score == pytest.approx((math.log(0.6) + math.log(0.7)) / 3, abs=1e-5)
+
+
+def _random_table(row: tuple[int, ...]) -> torch.Tensor:
+    seed = 1 + sum((i + 1) * 7919 * (t + 1) for i, t in enumerate(row)) % 100_000
+    return torch.randn(40, generator=torch.Generator().manual_seed(seed)) * 2.0
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_sampling_with_a_seeded_generator_is_reproducible(num_beams):
+    options = DecodeOptions(num_beams=num_beams, do_sample=True, temperature=0.8, top_k=20, top_p=0.95,
+                            max_new_tokens=12)
+    lm = TableLM(_random_table)
+
+    def run(seed: int) -> DecodeOutput:
+        return decode(lm, EMBEDS, options, generator=torch.Generator().manual_seed(seed))
+
+    first = run(123)
+    assert run(123).token_ids == first.token_ids
+    assert len({run(seed).token_ids for seed in range(8)}) > 1  # it does sample
+
+
+def test_beam_sample_starts_every_beam_at_score_zero():
+    # 4.28 beam_sample (unlike beam_search) does not set beams 1.. to -1e9: the identical initial beams are all
+    # sampled from, so a near-certain first token fills both running beams
+    lm = TableLM(lambda row: log_probs(6, {3: 0.999}))
+    options = DecodeOptions(num_beams=2, do_sample=True, max_new_tokens=2)
+    decode(lm, EMBEDS, options, generator=torch.Generator().manual_seed(0))
+    assert lm.calls[1]["input_ids"] == [[3], [3]]
+    beam_search = TableLM(lambda row: log_probs(6, {3: 0.999}))
+    decode(beam_search, EMBEDS, DecodeOptions(num_beams=2, max_new_tokens=2))
+    assert beam_search.calls[1]["input_ids"][0] == [3] and beam_search.calls[1]["input_ids"][1] != [3]
+
+
+def test_sampling_with_top_k_1_is_greedy():
+    lm = TableLM(_random_table)
+    greedy = decode(lm, EMBEDS, DecodeOptions(num_beams=1, max_new_tokens=12))
+    sampled = decode(lm, EMBEDS, DecodeOptions(num_beams=1, max_new_tokens=12, do_sample=True, top_k=1),
+                     generator=torch.Generator().manual_seed(0))
+    assert sampled.token_ids == greedy.token_ids
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(max_new_tokens=0), dict(num_beams=0), dict(do_sample=True, temperature=0.0), dict(top_p=0.0),
+     dict(top_p=1.5), dict(repetition_penalty=0.0), dict(top_k=-1), dict(min_length=-1),
+     dict(length_penalty=float("nan"))],
+)
+def test_options_reject_nonsense(bad):
+    with pytest.raises(UsageError):
+        DecodeOptions(**bad)
+
+
+def test_result_types():
+    assert DecodeOptions(temperature=0.0).temperature == 0.0  # ignored without sampling, as in 4.28
+    result = GenerationResult(text="hi", token_ids=[5, EOS])
+    assert result.timings == Timings() and result.timings.total_s == 0.0
+    with pytest.raises(UsageError):
+        decode(TableLM(_random_table), torch.zeros(2, 3, 8), DecodeOptions())
