@@ -1,0 +1,127 @@
+"""The LLM: LLaMA/Vicuna from a Hugging Face folder, its tokenizer, and LoRA attached with peft.
+
+This is the ONE module that knows how peft wraps the model (PeftModel -> LoraModel -> LlamaForCausalLM) and
+where the LoRA scaling lives; everything else calls the functions here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checkpoint import LoraShape
+from .errors import CheckpointError, MissingKeyError, ShapeMismatchError, UnexpectedKeyError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+ADAPTER = "default"  # peft's adapter name, also the one in the original checkpoints' keys
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """How the checkpoint's LoRA was trained: its shape plus the scaling (lora_alpha / r) it was trained at."""
+
+    shape: LoraShape
+    trained_scale: float = 4.0  # 32 / 8 for the published models
+    dropout: float = 0.1  # the original's; only active in training mode
+
+
+def load_language_model(folder: str | Path, *, dtype: "torch.dtype", device: str, quantization_config=None) -> "nn.Module":
+    """LlamaForCausalLM from an HF folder (safetensors or .bin, sharded or not), frozen, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError("LLM folder has no config.json", path=folder)
+    kwargs = {"dtype": dtype}
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map={"": device})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load the LLM: {exc}", path=folder) from None
+    if quantization_config is None:
+        model.to(device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def attach_lora(model: "nn.Module", spec: LoraSpec, lora: Mapping[str, "torch.Tensor"], *, path: Path) -> "nn.Module":
+    """Wrap `model` with peft LoRA of the checkpoint's shape and load its tensors, every one accounted for."""
+    from peft import LoraConfig, get_peft_model
+
+    n_layers = model.config.num_hidden_layers
+    if spec.shape.layers != n_layers:
+        raise ShapeMismatchError(
+            f"the checkpoint's LoRA covers {spec.shape.layers} layers but the LLM has {n_layers}", path=path
+        )
+    config = LoraConfig(
+        r=spec.shape.rank,
+        lora_alpha=spec.trained_scale * spec.shape.rank,  # scaling = alpha / r = trained scale
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.shape.targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    wrapped = get_peft_model(model, config)
+    expected = {k: v for k, v in wrapped.state_dict().items() if ".lora_" in k}
+    _check_lora_keys(expected, lora, path)
+    import torch
+
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(lora[key].to(dtype=target.dtype, device=target.device))
+    wrapped.requires_grad_(False)
+    return wrapped.eval()
+
+
+def _check_lora_keys(expected: Mapping[str, "torch.Tensor"], lora: Mapping[str, "torch.Tensor"], path: Path) -> None:
+    original = "llama_model.{}".format  # how the key is written in the SALMONN file
+    for key in lora:
+        if key not in expected:
+            raise UnexpectedKeyError("unexpected LoRA key in SALMONN checkpoint", path=path, key=original(key))
+    for key, target in expected.items():
+        if key not in lora:
+            raise MissingKeyError("missing LoRA key in SALMONN checkpoint", path=path, key=original(key))
+        if tuple(lora[key].shape) != tuple(target.shape):
+            raise ShapeMismatchError(
+                f"shape {tuple(lora[key].shape)} does not match the LLM's {tuple(target.shape)}",
+                path=path, key=original(key),
+            )
+
+
+def lora_layers(model: "nn.Module") -> list["nn.Module"]:
+    """Every peft LoRA layer of the wrapped model."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def lora_scale(model: "nn.Module", scale: float | None) -> Iterator[None]:
+    """Set the scaling every LoRA layer applies (W x + scale * B A x) for the duration of a call.
+
+    `None` leaves the current scaling; 0 turns LoRA off. The previous values are restored afterwards.
+    """
+    if scale is None:
+        yield
+        return
+    layers = lora_layers(model)
+    saved = [layer.scaling[ADAPTER] for layer in layers]
+    try:
+        for layer in layers:
+            layer.scaling[ADAPTER] = float(scale)
+        yield
+    finally:
+        for layer, value in zip(layers, saved):
+            layer.scaling[ADAPTER] = value
+
+
+def input_embeddings(model: "nn.Module") -> "nn.Module":
+    """The token-embedding table of the (possibly peft-wrapped) LLM."""
+    return model.get_input_embeddings()

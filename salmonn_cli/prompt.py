@@ -1,0 +1,92 @@
+"""Prompt text and LLM input assembly: the one owner of the template and the task instructions.
+
+The original wraps an instruction as `USER: <Speech><SpeechHere></Speech> {instruction}\\nASSISTANT:`, splits it
+at `<SpeechHere>` and tokenises each half SEPARATELY without special tokens (so the second half starts with
+SentencePiece's dummy-prefix space), then feeds `[bos] + before + audio tokens + after` as embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .tokenizer import TextCodec
+
+PROMPT_TEMPLATE = "USER: {}\nASSISTANT:"
+AUDIO_PLACEHOLDER = "<SpeechHere>"
+AUDIO_SLOT = "<Speech><SpeechHere></Speech>"
+END_SYMBOL = "</s>"  # appended to training targets; the tokenizer reads it as the eos id
+IGNORE_INDEX = -100  # label value the loss skips
+
+# The original test prompts (prompts/test_prompt.json), by task.
+TASK_INSTRUCTIONS: dict[str, str] = {
+    "transcribe": "Recognize the speech and give me the transcription.",
+    "transcribe_zh": "请将语音中的内容写下来。",
+    "transcribe_de": "Hören Sie sich die Rede an und schreiben Sie ihren Inhalt auf.",
+    "translate": "Listen to the speech and translate it into {language}.",
+    "caption": "Please describe the audio.",
+    "music": "Listen to this music clip and describe the music.",
+    "story": "Based on the audio, write a story in detail. Your story should be highly related to the audio.",
+    "emotion": "Describe the emotion of the speaker in one word.",
+    "speaker_check": "Do you only hear the same person talking? Answer yes or no.",
+    "speech_and_background": "Describe the speech and the background audio",
+    "co_reasoning": "Use your strong reasoning skills to answer the speaker's question in detail based on the background sound.",
+    "lyrics": "Listen to the song and write down its content.",
+    "keywords": "Give me only three keywords of the text.",
+}
+
+
+def full_prompt(instruction: str, template: str = PROMPT_TEMPLATE) -> str:
+    """The whole prompt text for an instruction as a user types it (surrounding whitespace stripped)."""
+    return template.format(f"{AUDIO_SLOT} {instruction.strip()}")
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    """Token ids of the prompt text before and after the audio tokens."""
+
+    before: tuple[int, ...]
+    after: tuple[int, ...]
+
+
+def prompt_ids(tokenizer: "TextCodec", instruction: str, template: str = PROMPT_TEMPLATE) -> PromptIds:
+    """Tokenise the two halves of the prompt separately, as the original does."""
+    before, after = full_prompt(instruction, template).split(AUDIO_PLACEHOLDER)
+    return PromptIds(tokenizer.encode(before), tokenizer.encode(after))
+
+
+def target_ids(tokenizer: "TextCodec", target_text: str, max_txt_len: int) -> tuple[int, ...]:
+    """Training target: text + `</s>`, cut to `max_txt_len` tokens (the cut may drop the `</s>`, as in the original)."""
+    return tokenizer.encode(target_text + END_SYMBOL)[:max_txt_len]
+
+
+def _embed(table: "nn.Module", ids: tuple[int, ...], device: "torch.device") -> "torch.Tensor":
+    import torch
+
+    return table(torch.tensor([ids], dtype=torch.long, device=device))  # (1, n, D)
+
+
+def assemble_inputs(table: "nn.Module", ids: PromptIds, audio_tokens: "torch.Tensor", bos_id: int) -> "torch.Tensor":
+    """`[embed(bos), embed(before), audio tokens, embed(after)]`: (1, 1 + Nb + A + Na, D)."""
+    import torch
+
+    device = audio_tokens.device
+    parts = [_embed(table, (bos_id,), device), _embed(table, ids.before, device)]
+    parts += [audio_tokens.to(parts[0].dtype), _embed(table, ids.after, device)]
+    return torch.cat(parts, dim=1)
+
+
+def assemble_training(table: "nn.Module", ids: PromptIds, audio_tokens: "torch.Tensor", bos_id: int,
+                      targets: tuple[int, ...]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Inputs with the target appended, and labels that mask everything before the target: (1, T, D), (1, T)."""
+    import torch
+
+    prompt = assemble_inputs(table, ids, audio_tokens, bos_id)  # (1, P, D)
+    embeds = torch.cat([prompt, _embed(table, targets, prompt.device)], dim=1)
+    labels = torch.full((1, embeds.shape[1]), IGNORE_INDEX, dtype=torch.long, device=prompt.device)
+    labels[0, prompt.shape[1]:] = torch.tensor(targets, dtype=torch.long)
+    return embeds, labels
