@@ -1,0 +1,164 @@
+"""SALMONN as one nn.Module: audio -> audio tokens -> LLM, with generation and the training loss.
+
+Flow: waveform -> first 30 s (padded to >= 1 s) -> Whisper log-mel -> Whisper encoder (B, 1500, Dw)
+                                                -> BEATs fbank     -> BEATs            (B, Tb, Db)
+      -> SpeechConnector (LayerNorms, windows, Q-Former, projection) -> audio tokens (B, L*Q, D)
+      -> [bos] + prompt-before + audio tokens + prompt-after -> LLaMA + LoRA.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import prompt as prompts
+from ..audio import model_window
+from ..features import beats_fbank, whisper_log_mel
+from ..generate import DecodeOptions, GenerationResult, Timings, decode
+from ..llm import input_embeddings
+from ..llm import lora_scale as scaled_lora
+from ..tokenizer import TextCodec
+from .qformer import SpeechConnector, WindowSpec
+
+
+@dataclass(frozen=True)
+class SalmonnSettings:
+    """What the model needs besides its weights."""
+
+    windows: WindowSpec
+    trained_lora_scale: float = 4.0  # the scaling every call uses unless it names its own
+    prompt_template: str = prompts.PROMPT_TEMPLATE
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+
+class SalmonnModel(nn.Module):
+    """The assembled model. Build it with `salmonn_cli.load_model`."""
+
+    def __init__(self, *, whisper: nn.Module, whisper_extractor, beats: nn.Module, connector: SpeechConnector,
+                 llm: nn.Module, tokenizer: TextCodec, settings: SalmonnSettings) -> None:
+        super().__init__()
+        self.whisper = whisper
+        self.whisper_extractor = whisper_extractor
+        self.beats = beats
+        self.connector = connector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.settings = settings
+
+    @property
+    def device(self) -> torch.device:
+        return self.connector.query_tokens.device
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        return self.connector.query_tokens.dtype
+
+    # -- audio -> tokens ---------------------------------------------------------------------------------
+    def whisper_features(self, waveform: np.ndarray) -> torch.Tensor:
+        """Log-mel of the model window: (1, 80, 3000)."""
+        mel = whisper_log_mel(self.whisper_extractor, model_window(waveform))
+        return torch.from_numpy(mel)[None]
+
+    def beats_features(self, waveform: np.ndarray) -> torch.Tensor:
+        """Normalised Kaldi fbank of the model window: (1, F, 128)."""
+        return torch.from_numpy(beats_fbank(model_window(waveform)))[None]
+
+    def encode_speech(self, mel: torch.Tensor) -> torch.Tensor:
+        """Whisper encoder: (B, 80, 3000) -> (B, 1500, Dw)."""
+        return self.whisper(mel.to(self.device, self.encoder_dtype)).last_hidden_state
+
+    def encode_audio(self, fbank: torch.Tensor) -> torch.Tensor:
+        """BEATs: (B, F, 128) -> (B, Tb, Db)."""
+        return self.beats(fbank.to(self.device, self.encoder_dtype))
+
+    @torch.inference_mode()
+    def audio_tokens(self, waveform: np.ndarray) -> torch.Tensor:
+        """Audio tokens for the first 30 s of a 16 kHz mono float32 waveform: (1, N, llm_hidden)."""
+        speech = self.encode_speech(self.whisper_features(waveform))
+        audio = self.encode_audio(self.beats_features(waveform))
+        return self.connector(speech, audio)
+
+    # -- LLM inputs --------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str) -> prompts.PromptIds:
+        return prompts.prompt_ids(self.tokenizer, prompt, self.settings.prompt_template)
+
+    def inputs_embeds(self, audio_tokens: torch.Tensor, prompt: str) -> torch.Tensor:
+        """`[bos, before, audio, after]` embeddings: (1, 1 + Nb + N + Na, D)."""
+        table = input_embeddings(self.llm)
+        return prompts.assemble_inputs(table, self.prompt_ids(prompt), audio_tokens, self.settings.bos_token_id)
+
+    def _scale(self, scale: float | None) -> float:
+        return self.settings.trained_lora_scale if scale is None else float(scale)
+
+    @torch.inference_mode()
+    def next_token_logits(self, inputs_embeds: torch.Tensor, *, lora_scale: float | None = None) -> torch.Tensor:
+        """LLM logits at the last position (the first generated token's): (V,)."""
+        with scaled_lora(self.llm, self._scale(lora_scale)):
+            out = self.llm(inputs_embeds=inputs_embeds.to(self.device), use_cache=False)
+        return out.logits[0, -1].float()
+
+    # -- generation ----------------------------------------------------------------------------------------
+    def generate(self, waveform: np.ndarray, prompt: str, *, max_new_tokens: int = 200, num_beams: int = 4,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 0.9,
+                 repetition_penalty: float = 1.0, length_penalty: float = 1.0, min_length: int = 1,
+                 lora_scale: float | None = None, generator: torch.Generator | None = None) -> GenerationResult:
+        """Answer `prompt` about the first 30 s of `waveform` (1-D float32, 16 kHz), as the original does.
+
+        Decoding defaults are the original's (beams 4, 200 new tokens, no sampling); `min_length` counts the
+        BOS placeholder as transformers 4.28 did. `lora_scale` overrides the trained scaling for this call.
+        """
+        options = DecodeOptions(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+                                temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                                length_penalty=length_penalty, min_length=min_length)
+        start = time.perf_counter()
+        tokens = self.audio_tokens(waveform)
+        encode_s = time.perf_counter() - start
+        result = self.answer(tokens, prompt, options, lora_scale=lora_scale, generator=generator)
+        timings = replace(result.timings, encode_s=encode_s, total_s=encode_s + result.timings.total_s)
+        return replace(result, timings=timings)
+
+    @torch.inference_mode()
+    def answer(self, audio_tokens: torch.Tensor, prompt: str, options: DecodeOptions = DecodeOptions(), *,
+               lora_scale: float | None = None, generator: torch.Generator | None = None) -> GenerationResult:
+        """Generate from audio tokens already computed (so a chat can ask many questions about one clip)."""
+        start = time.perf_counter()
+        embeds = self.inputs_embeds(audio_tokens, prompt)
+        with scaled_lora(self.llm, self._scale(lora_scale)):
+            out = decode(self.llm, embeds, options, eos_token_id=self.settings.eos_token_id,
+                         bos_token_id=self.settings.bos_token_id, pad_token_id=self.settings.pad_token_id,
+                         generator=generator)
+        ids = list(out.token_ids)
+        text = self.tokenizer.decode(ids)
+        elapsed = time.perf_counter() - start
+        return GenerationResult(text=text, token_ids=ids, timings=Timings(decode_s=elapsed, total_s=elapsed))
+
+    # -- training loss -------------------------------------------------------------------------------------
+    def training_inputs(self, waveform: np.ndarray, prompt: str, target_text: str,
+                        max_txt_len: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs with the target appended and labels masking all before it, as the original's forward builds."""
+        speech = self.encode_speech(self.whisper_features(waveform))
+        audio = self.encode_audio(self.beats_features(waveform))
+        tokens = self.connector(speech, audio)
+        targets = prompts.target_ids(self.tokenizer, target_text, max_txt_len)
+        table = input_embeddings(self.llm)
+        return prompts.assemble_training(table, self.prompt_ids(prompt), tokens, self.settings.bos_token_id, targets)
+
+    def loss_from_inputs(self, inputs_embeds: torch.Tensor, labels: torch.Tensor, *,
+                         lora_scale: float | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labelled positions (Hugging Face's causal-LM loss)."""
+        with scaled_lora(self.llm, self._scale(lora_scale)):
+            return self.llm(inputs_embeds=inputs_embeds.to(self.device), labels=labels.to(self.device),
+                            use_cache=False).loss
+
+    @torch.inference_mode()
+    def loss(self, waveform: np.ndarray, prompt: str, target_text: str, *, max_txt_len: int = 300,
+             lora_scale: float | None = None) -> float:
+        """The training loss exactly as the original's forward computes it (target + `</s>`; prompt masked)."""
+        embeds, labels = self.training_inputs(waveform, prompt, target_text, max_txt_len)
+        return float(self.loss_from_inputs(embeds, labels, lora_scale=lora_scale))
