@@ -60,16 +60,24 @@ def torch_load(path: str | Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError("checkpoint file not found", path=path)
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip and not _starts_like_a_pickle(path):
+        raise CheckpointError("not a PyTorch checkpoint (neither a zip archive nor a pickle)", path=path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported" in str(exc) or "global" in str(exc).lower():
+        if "unsupported global" in str(exc).lower():
             raise UnsafeCheckpointError(
                 "refusing to load: the file asks to run code or build objects that are not plain tensors", path=path
             ) from None
+        raise CheckpointError("not a PyTorch checkpoint that can be read safely (weights only)", path=path) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"not a PyTorch checkpoint ({_first_line(exc)})", path=path) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"not a PyTorch checkpoint ({_first_line(exc)})", path=path) from None
+
+
+def _starts_like_a_pickle(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(1) == b"\x80"  # PROTO opcode: every pickle of protocol 2 or later starts with it
 
 
 def _first_line(exc: BaseException) -> str:

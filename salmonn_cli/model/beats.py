@@ -110,8 +110,8 @@ class _WeightNormConv1d(nn.Module):
         self.groups = groups
 
     def forward(self, x: Tensor) -> Tensor:
-        # torch._weight_norm is what nn.utils.weight_norm evaluates: v * (g / ||v||), norm over all dims but 2.
-        weight = torch._weight_norm(self.weight_v, self.weight_g, 2)
+        # what nn.utils.weight_norm(dim=2) evaluates: v * (g / ||v||), the norm over every dim but 2
+        weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
         return F.conv1d(x, weight, self.bias, padding=self.padding, groups=self.groups)
 
 

@@ -1,0 +1,82 @@
+"""Audio in: formats, sample rates and channel counts to 16 kHz mono float32; padding and the 30 s window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from salmonn_cli.audio import MIN_SAMPLES, SAMPLE_RATE, WINDOW_SAMPLES, load_audio, model_window
+from salmonn_cli.errors import AudioError
+
+from .reference import case_paths, load_case
+
+
+def sine(seconds: float, rate: int, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "suffix, fmt, subtype",
+    [("wav", "WAV", "PCM_16"), ("flac", "FLAC", "PCM_24"), ("ogg", "OGG", "VORBIS"), ("mp3", "MP3", "MPEG_LAYER_III")],
+)
+def test_formats_decode_to_16k_float32(tmp_path, suffix, fmt, subtype):
+    path = tmp_path / f"clip.{suffix}"
+    sf.write(path, sine(2.0, 16_000), 16_000, format=fmt, subtype=subtype)
+    audio = load_audio(path)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(audio.shape[0] - 2 * SAMPLE_RATE) <= 0.06 * SAMPLE_RATE  # mp3 adds encoder delay/padding
+    assert 0.3 < np.abs(audio).max() < 0.6
+
+
+@pytest.mark.parametrize("rate", [8_000, 22_050, 44_100, 48_000])
+def test_any_rate_is_resampled(tmp_path, rate):
+    path = tmp_path / "clip.wav"
+    sf.write(path, sine(1.5, rate, 1000.0), rate, subtype="FLOAT")
+    audio = load_audio(path)
+    assert audio.shape[0] == pytest.approx(1.5 * SAMPLE_RATE, abs=2)
+    spectrum = np.abs(np.fft.rfft(audio))
+    peak_hz = np.argmax(spectrum) * SAMPLE_RATE / audio.shape[0]
+    assert peak_hz == pytest.approx(1000.0, abs=2.0)  # a real resampler keeps the pitch
+
+
+def test_channels_are_averaged_to_mono(tmp_path):
+    left, right = sine(1.0, 16_000, 300.0), sine(1.0, 16_000, 700.0)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, np.stack([left, right], axis=1), 16_000, subtype="FLOAT")
+    np.testing.assert_allclose(load_audio(path), (left + right) / 2, atol=1e-7)
+
+
+def test_16_bit_files_read_exactly_as_the_original(tmp_path):
+    case = load_case(case_paths()[0])
+    original, _ = sf.read(case.audio_path, dtype="float64")  # what the original reads
+    ours = load_audio(case.audio_path)
+    assert np.array_equal(ours.astype(np.float64), original)
+
+
+def test_window_pads_short_audio_and_keeps_the_first_30_seconds():
+    short = model_window(np.ones(1234, np.float32))
+    assert short.shape == (MIN_SAMPLES,) and short[:1234].all() and not short[1234:].any()
+    long = np.arange(WINDOW_SAMPLES + 999, dtype=np.float32)
+    assert np.array_equal(model_window(long), long[:WINDOW_SAMPLES])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(AudioError, match="not found") as err:
+        load_audio(tmp_path / "nope.wav")
+    assert err.value.exit_code == 3
+
+
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "notes.wav"
+    path.write_text("this is not audio")
+    with pytest.raises(AudioError, match="cannot read audio file"):
+        load_audio(path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.wav"
+    sf.write(path, np.zeros(0, np.float32), 16_000)
+    with pytest.raises(AudioError, match="no samples"):
+        load_audio(path)
