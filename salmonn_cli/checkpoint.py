@@ -32,7 +32,10 @@ _CONNECTOR_RULES: tuple[tuple[str, str], ...] = (
     (r"^ln_speech\.", "ln_speech."),
     (r"^ln_audio\.", "ln_audio."),
     (r"^speech_Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.layernorm."),
-    (r"^speech_Qformer\.bert\.encoder\.layer\.(\d+)\.attention\.self\.", r"qformer.encoder.layer.\1.attention.attention."),
+    (
+        r"^speech_Qformer\.bert\.encoder\.layer\.(\d+)\.attention\.self\.",
+        r"qformer.encoder.layer.\1.attention.attention.",
+    ),
     (
         r"^speech_Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.self\.",
         r"qformer.encoder.layer.\1.crossattention.attention.",
@@ -40,7 +43,9 @@ _CONNECTOR_RULES: tuple[tuple[str, str], ...] = (
     (r"^speech_Qformer\.bert\.encoder\.layer\.", "qformer.encoder.layer."),
     (r"^speech_llama_proj\.", "proj."),
 )
-_LORA_PATTERN = re.compile(r"^llama_model\.(base_model\.model\.model\.layers\.(\d+)\..+\.(\w+)\.lora_([AB])\.default\.weight)$")
+_LORA_PATTERN = re.compile(
+    r"^llama_model\.(base_model\.model\.model\.layers\.(\d+)\..+\.(\w+)\.lora_([AB])\.default\.weight)$"
+)
 # Saved alongside the trained weights by the original's save filter (buffers, tied copies of frozen tables):
 # they carry nothing we need, and ignoring them is safe because their values are fixed by other files.
 _IGNORED_PATTERNS = tuple(
@@ -163,13 +168,23 @@ def _require(tensors: Mapping[str, "torch.Tensor"], name: str, original: str, pa
 def _connector_shape(t: Mapping[str, "torch.Tensor"], path: Path) -> ConnectorShape:
     query = _require(t, "query_tokens", "speech_query_tokens", path)
     if query.dim() != 3:
-        raise ShapeMismatchError(f"expected shape (1, Q, H), got {tuple(query.shape)}", path=path, key="speech_query_tokens")
+        raise ShapeMismatchError(
+            f"expected shape (1, Q, H), got {tuple(query.shape)}", path=path, key="speech_query_tokens"
+        )
     layer_ids = {int(m.group(1)) for k in t if (m := re.match(r"qformer\.encoder\.layer\.(\d+)\.", k))}
     if not layer_ids:
-        raise MissingKeyError("missing key in SALMONN checkpoint", path=path, key="speech_Qformer.bert.encoder.layer.0.*")
-    cross = sorted({int(m.group(1)) for k in t if (m := re.match(r"qformer\.encoder\.layer\.(\d+)\.crossattention\.", k))})
+        raise MissingKeyError(
+            "missing key in SALMONN checkpoint", path=path, key="speech_Qformer.bert.encoder.layer.0.*"
+        )
+    cross = sorted(
+        {int(m.group(1)) for k in t if (m := re.match(r"qformer\.encoder\.layer\.(\d+)\.crossattention\.", k))}
+    )
     if not cross:
-        raise MissingKeyError("no cross-attention layer in SALMONN checkpoint", path=path, key="speech_Qformer.bert.encoder.layer.0.crossattention.*")
+        raise MissingKeyError(
+            "no cross-attention layer in SALMONN checkpoint",
+            path=path,
+            key="speech_Qformer.bert.encoder.layer.0.crossattention.*",
+        )
     every = cross[1] - cross[0] if len(cross) > 1 else max(layer_ids) + 1
     cross_key = f"qformer.encoder.layer.{cross[0]}.crossattention.attention.key.weight"
     ffn_key = "qformer.encoder.layer.0.intermediate_query.dense.weight"
@@ -178,8 +193,12 @@ def _connector_shape(t: Mapping[str, "torch.Tensor"], path: Path) -> ConnectorSh
         query_tokens=query.shape[1],
         hidden=query.shape[2],
         layers=max(layer_ids) + 1,
-        intermediate=_require(t, ffn_key, "speech_Qformer.bert.encoder.layer.0.intermediate_query.dense.weight", path).shape[0],
-        encoder_width=_require(t, cross_key, f"speech_Qformer.bert.encoder.layer.{cross[0]}.crossattention.self.key.weight", path).shape[1],
+        intermediate=_require(
+            t, ffn_key, "speech_Qformer.bert.encoder.layer.0.intermediate_query.dense.weight", path
+        ).shape[0],
+        encoder_width=_require(
+            t, cross_key, f"speech_Qformer.bert.encoder.layer.{cross[0]}.crossattention.self.key.weight", path
+        ).shape[1],
         cross_attention_every=every,
         speech_width=_require(t, "ln_speech.weight", "ln_speech.weight", path).shape[0],
         audio_width=_require(t, "ln_audio.weight", "ln_audio.weight", path).shape[0],
@@ -189,7 +208,9 @@ def _connector_shape(t: Mapping[str, "torch.Tensor"], path: Path) -> ConnectorSh
 
 def _lora_shape(lora: Mapping[str, "torch.Tensor"], path: Path) -> LoraShape:
     if not lora:
-        raise MissingKeyError("no LoRA weights in SALMONN checkpoint", path=path, key="llama_model.*.lora_A.default.weight")
+        raise MissingKeyError(
+            "no LoRA weights in SALMONN checkpoint", path=path, key="llama_model.*.lora_A.default.weight"
+        )
     ranks = {v.shape[0] for k, v in lora.items() if ".lora_A." in k}
     if len(ranks) != 1:
         raise ShapeMismatchError(f"LoRA A matrices disagree on the rank: {sorted(ranks)}", path=path)
@@ -198,8 +219,15 @@ def _lora_shape(lora: Mapping[str, "torch.Tensor"], path: Path) -> LoraShape:
     return LoraShape(rank=ranks.pop(), targets=tuple(targets), layers=max(layers) + 1)
 
 
-def load_strict(module: "nn.Module", tensors: Mapping[str, "torch.Tensor"], *, path: Path,
-                source_keys: Mapping[str, str] | None = None, only_prefix: str = "", assign: bool = False) -> None:
+def load_strict(
+    module: "nn.Module",
+    tensors: Mapping[str, "torch.Tensor"],
+    *,
+    path: Path,
+    source_keys: Mapping[str, str] | None = None,
+    only_prefix: str = "",
+    assign: bool = False,
+) -> None:
     """Copy `tensors` into `module`, requiring the key sets (under `only_prefix`) and every shape to match.
 
     Errors name the key as it is written in the file (`source_keys` maps our names back to the file's).
@@ -218,7 +246,8 @@ def load_strict(module: "nn.Module", tensors: Mapping[str, "torch.Tensor"], *, p
         if tuple(tensors[key].shape) != tuple(target.shape):
             raise ShapeMismatchError(
                 f"shape {tuple(tensors[key].shape)} does not match the model's {tuple(target.shape)}",
-                path=path, key=source_keys.get(key, key),
+                path=path,
+                key=source_keys.get(key, key),
             )
     if assign:
         converted = {k: tensors[k].to(dtype=v.dtype) for k, v in expected.items()}
@@ -262,8 +291,10 @@ def read_whisper_encoder(folder: str | Path) -> dict[str, "torch.Tensor"]:
 def _weight_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise CheckpointError("model folder not found", path=folder)
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
         index = folder / index_name
         if index.is_file():
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -278,7 +309,7 @@ def _read_prefixed(file: Path, prefixes: tuple[str, ...]) -> dict[str, "torch.Te
     def strip(key: str) -> str | None:
         for prefix in prefixes:
             if key.startswith(prefix):
-                return key[len(prefix):]
+                return key[len(prefix) :]
         return None
 
     if file.suffix == ".safetensors":

@@ -240,7 +240,7 @@ class _BeamScorer:
                 continue  # 4.28 pads a finished row: score 0, token pad, source row 0
             taken = 0
             for rank, (token, score, source) in enumerate(
-                zip(next_tokens[b].tolist(), next_scores[b].tolist(), next_indices[b].tolist())
+                zip(next_tokens[b].tolist(), next_scores[b].tolist(), next_indices[b].tolist(), strict=True)
             ):
                 row = b * k + source
                 if token == eos:

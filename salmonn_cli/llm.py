@@ -7,6 +7,7 @@ where the LoRA scaling lives; everything else calls the functions here.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,9 @@ class LoraSpec:
     dropout: float = 0.1  # the original's; only active in training mode
 
 
-def load_language_model(folder: str | Path, *, dtype: "torch.dtype", device: str, quantization_config=None) -> "nn.Module":
+def load_language_model(
+    folder: str | Path, *, dtype: "torch.dtype", device: str, quantization_config=None
+) -> "nn.Module":
     """LlamaForCausalLM from an HF folder (safetensors or .bin, sharded or not), frozen, in eval mode."""
     from transformers import AutoModelForCausalLM
 
@@ -68,7 +71,9 @@ def attach_lora(model: "nn.Module", spec: LoraSpec, lora: Mapping[str, "torch.Te
         bias="none",
         task_type="CAUSAL_LM",
     )
-    wrapped = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft still calls a transformers API deprecated in v5; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        wrapped = get_peft_model(model, config)
     expected = {k: v for k, v in wrapped.state_dict().items() if ".lora_" in k}
     _check_lora_keys(expected, lora, path)
     import torch
@@ -91,7 +96,8 @@ def _check_lora_keys(expected: Mapping[str, "torch.Tensor"], lora: Mapping[str, 
         if tuple(lora[key].shape) != tuple(target.shape):
             raise ShapeMismatchError(
                 f"shape {tuple(lora[key].shape)} does not match the LLM's {tuple(target.shape)}",
-                path=path, key=original(key),
+                path=path,
+                key=original(key),
             )
 
 
@@ -118,7 +124,7 @@ def lora_scale(model: "nn.Module", scale: float | None) -> Iterator[None]:
             layer.scaling[ADAPTER] = float(scale)
         yield
     finally:
-        for layer, value in zip(layers, saved):
+        for layer, value in zip(layers, saved, strict=True):
             layer.scaling[ADAPTER] = value
 
 

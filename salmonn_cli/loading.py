@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError, DependencyError, ShapeMismatchError, UsageError
+from .errors import DependencyError, ShapeMismatchError, UsageError
 
 DEFAULT_SECOND_PER_WINDOW = 0.333333
 BERT_HEAD_WIDTH = 64  # BERT's attention heads are 64 wide: 12 heads for the published 768-wide Q-Former
@@ -36,9 +36,20 @@ def resolve_device(device: str):
     return resolved
 
 
-def load_model(whisper, beats, llm, checkpoint, *, device: str = "cpu", dtype=None, quantization=None,
-               second_per_window: float = DEFAULT_SECOND_PER_WINDOW, second_stride: float = DEFAULT_SECOND_PER_WINDOW,
-               qformer_heads: int | None = None, lora_scale: float = 4.0):
+def load_model(
+    whisper,
+    beats,
+    llm,
+    checkpoint,
+    *,
+    device: str = "cpu",
+    dtype=None,
+    quantization=None,
+    second_per_window: float = DEFAULT_SECOND_PER_WINDOW,
+    second_stride: float = DEFAULT_SECOND_PER_WINDOW,
+    qformer_heads: int | None = None,
+    lora_scale: float = 4.0,
+):
     """Load SALMONN from its four components and return a `SalmonnModel` in eval mode.
 
     whisper: HF Whisper folder (only the encoder is read); beats: the BEATs `.pt` as published;
@@ -46,7 +57,8 @@ def load_model(whisper, beats, llm, checkpoint, *, device: str = "cpu", dtype=No
     Sizes are read from the checkpoint tensors. Two facts are in no tensor: the Q-Former's number of attention
     heads (`qformer_heads`, default width/64) and the LoRA scaling the checkpoint was trained at (`lora_scale`,
     lora_alpha / r = 4.0 for the published models), which every call uses unless it names its own.
-    dtype: default float32 on CPU, float16 on CUDA. quantization: None or "none" here; see `quantize`.
+    dtype: default float32 on CPU, float16 on CUDA. quantization: None/"none", "8bit", "4bit" or a
+    `quantize.QuantSpec`: applied to the LLM only (bitsandbytes on CUDA, optimum-quanto on CPU/MPS).
     """
     import torch
 
@@ -61,7 +73,7 @@ def load_model(whisper, beats, llm, checkpoint, *, device: str = "cpu", dtype=No
     paths = ComponentPaths(Path(whisper), Path(beats), Path(llm), Path(checkpoint))
     torch_device = resolve_device(device)
     dtype = dtype or (torch.float16 if torch_device.type == "cuda" else torch.float32)
-    llm_quantization = _llm_quantization(quantization, torch_device)
+    llm_quantization = _llm_quantization(quantization, torch_device, dtype)
 
     ckpt = read_salmonn_checkpoint(paths.checkpoint)
     shape = ckpt.connector_shape
@@ -75,38 +87,59 @@ def load_model(whisper, beats, llm, checkpoint, *, device: str = "cpu", dtype=No
     load_strict(connector, ckpt.connector, path=ckpt.path, source_keys=ckpt.source_keys)
     connector = connector.to(device=torch_device, dtype=dtype).eval()
 
-    language_model = load_language_model(paths.llm, dtype=dtype, device=str(torch_device),
-                                         quantization_config=llm_quantization)
+    language_model = load_language_model(
+        paths.llm, dtype=dtype, device=str(torch_device), quantization_config=llm_quantization
+    )
     if language_model.config.hidden_size != shape.llm_hidden:
         raise ShapeMismatchError(
             f"projection outputs {shape.llm_hidden} features but the LLM is {language_model.config.hidden_size} wide"
-            " (is this the LLM the checkpoint was trained with?)", path=ckpt.path, key="speech_llama_proj.weight")
-    language_model = attach_lora(language_model, LoraSpec(ckpt.lora_shape, trained_scale=lora_scale),
-                                 ckpt.lora, path=ckpt.path)
+            " (is this the LLM the checkpoint was trained with?)",
+            path=ckpt.path,
+            key="speech_llama_proj.weight",
+        )
+    language_model = attach_lora(
+        language_model, LoraSpec(ckpt.lora_shape, trained_scale=lora_scale), ckpt.lora, path=ckpt.path
+    )
     settings = SalmonnSettings(windows=windows, trained_lora_scale=lora_scale)
-    model = SalmonnModel(whisper=whisper_encoder, whisper_extractor=extractor, beats=beats_model,
-                         connector=connector, llm=language_model, tokenizer=load_text_codec(paths.llm),
-                         settings=settings)
+    model = SalmonnModel(
+        whisper=whisper_encoder,
+        whisper_extractor=extractor,
+        beats=beats_model,
+        connector=connector,
+        llm=language_model,
+        tokenizer=load_text_codec(paths.llm),
+        settings=settings,
+    )
     return model.eval()
 
 
 def _check_widths(shape, whisper_width: int, beats_width: int, path: Path) -> None:
     if shape.speech_width != whisper_width:
-        raise ShapeMismatchError(f"ln_speech is {shape.speech_width} wide but the Whisper encoder is {whisper_width}",
-                                 path=path, key="ln_speech.weight")
+        raise ShapeMismatchError(
+            f"ln_speech is {shape.speech_width} wide but the Whisper encoder is {whisper_width}",
+            path=path,
+            key="ln_speech.weight",
+        )
     if shape.audio_width != beats_width:
-        raise ShapeMismatchError(f"ln_audio is {shape.audio_width} wide but BEATs is {beats_width}",
-                                 path=path, key="ln_audio.weight")
+        raise ShapeMismatchError(
+            f"ln_audio is {shape.audio_width} wide but BEATs is {beats_width}", path=path, key="ln_audio.weight"
+        )
     if shape.encoder_width != whisper_width + beats_width:
-        raise ShapeMismatchError(f"the Q-Former reads {shape.encoder_width} features per frame, not Whisper + BEATs"
-                                 f" = {whisper_width + beats_width}", path=path,
-                                 key="speech_Qformer.bert.encoder.layer.0.crossattention.self.key.weight")
+        raise ShapeMismatchError(
+            f"the Q-Former reads {shape.encoder_width} features per frame, not Whisper + BEATs"
+            f" = {whisper_width + beats_width}",
+            path=path,
+            key="speech_Qformer.bert.encoder.layer.0.crossattention.self.key.weight",
+        )
 
 
-def _llm_quantization(quantization, device):
-    """Only full precision is built in so far; 4/8-bit specs are resolved by the `quantize` package."""
-    if quantization in (None, "none"):
-        return None
-    from quantize import llm_quantization_config
+def _llm_quantization(quantization, device, dtype):
+    """The transformers quantisation config for the LLM (None for full precision); errors become ours."""
+    from quantize import MissingBackendError, QuantizationError, llm_quantization_config
 
-    return llm_quantization_config(quantization, device)
+    try:
+        return llm_quantization_config(quantization, device.type, compute_dtype=dtype)
+    except MissingBackendError as exc:
+        raise DependencyError(str(exc)) from None
+    except QuantizationError as exc:
+        raise UsageError(str(exc)) from None

@@ -34,7 +34,9 @@ TASK_INSTRUCTIONS: dict[str, str] = {
     "emotion": "Describe the emotion of the speaker in one word.",
     "speaker_check": "Do you only hear the same person talking? Answer yes or no.",
     "speech_and_background": "Describe the speech and the background audio",
-    "co_reasoning": "Use your strong reasoning skills to answer the speaker's question in detail based on the background sound.",
+    "co_reasoning": (
+        "Use your strong reasoning skills to answer the speaker's question in detail based on the background sound."
+    ),
     "lyrics": "Listen to the song and write down its content.",
     "keywords": "Give me only three keywords of the text.",
 }
@@ -80,13 +82,14 @@ def assemble_inputs(table: "nn.Module", ids: PromptIds, audio_tokens: "torch.Ten
     return torch.cat(parts, dim=1)
 
 
-def assemble_training(table: "nn.Module", ids: PromptIds, audio_tokens: "torch.Tensor", bos_id: int,
-                      targets: tuple[int, ...]) -> tuple["torch.Tensor", "torch.Tensor"]:
+def assemble_training(
+    table: "nn.Module", ids: PromptIds, audio_tokens: "torch.Tensor", bos_id: int, targets: tuple[int, ...]
+) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Inputs with the target appended, and labels that mask everything before the target: (1, T, D), (1, T)."""
     import torch
 
     prompt = assemble_inputs(table, ids, audio_tokens, bos_id)  # (1, P, D)
     embeds = torch.cat([prompt, _embed(table, targets, prompt.device)], dim=1)
     labels = torch.full((1, embeds.shape[1]), IGNORE_INDEX, dtype=torch.long, device=prompt.device)
-    labels[0, prompt.shape[1]:] = torch.tensor(targets, dtype=torch.long)
+    labels[0, prompt.shape[1] :] = torch.tensor(targets, dtype=torch.long)
     return embeds, labels

@@ -13,6 +13,7 @@ Every random tensor comes from a generator seeded by --seed, so the same seed
 gives identical tensors. The tokenizer is trained on a fixed corpus (independent
 of --seed) so that all variants share one vocabulary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,7 +84,7 @@ class Rand:
 
 
 def put(sd, prefix, pair, names=("weight", "bias")):
-    for name, t in zip(names, pair):
+    for name, t in zip(names, pair, strict=True):
         sd[f"{prefix}.{name}"] = t
 
 
@@ -93,17 +94,28 @@ def make_whisper(out: Path, s: TinySizes, seed: int):
 
     v = s.whisper_vocab
     cfg = WhisperConfig(
-        vocab_size=v, num_mel_bins=80, d_model=s.whisper_d,
-        encoder_layers=s.whisper_layers, encoder_attention_heads=s.whisper_heads,
-        encoder_ffn_dim=s.whisper_ffn, decoder_layers=1,
-        decoder_attention_heads=s.whisper_heads, decoder_ffn_dim=s.whisper_ffn,
+        vocab_size=v,
+        num_mel_bins=80,
+        d_model=s.whisper_d,
+        encoder_layers=s.whisper_layers,
+        encoder_attention_heads=s.whisper_heads,
+        encoder_ffn_dim=s.whisper_ffn,
+        decoder_layers=1,
+        decoder_attention_heads=s.whisper_heads,
+        decoder_ffn_dim=s.whisper_ffn,
         # SALMONN's windowing assumes 1500 encoder frames per 30 s of audio.
-        max_source_positions=1500, max_target_positions=32,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        max_source_positions=1500,
+        max_target_positions=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
         # Special ids must exist in the tiny vocab (defaults point past 50k).
-        bos_token_id=v - 2, decoder_start_token_id=v - 2,
-        eos_token_id=v - 1, pad_token_id=v - 1,
-        suppress_tokens=[], begin_suppress_tokens=[v - 1],
+        bos_token_id=v - 2,
+        decoder_start_token_id=v - 2,
+        eos_token_id=v - 1,
+        pad_token_id=v - 1,
+        suppress_tokens=[],
+        begin_suppress_tokens=[v - 1],
     )
     torch.manual_seed(seed)  # transformers initialises from the global RNG
     WhisperModel(cfg).eval().save_pretrained(out)
@@ -114,17 +126,30 @@ def make_whisper(out: Path, s: TinySizes, seed: int):
 def beats_cfg(s: TinySizes) -> dict:
     # Same keys and order as the released checkpoint's 'cfg'.
     return {
-        "input_patch_size": 16, "embed_dim": s.beats_embed, "conv_bias": False,
-        "encoder_layers": s.beats_layers, "encoder_embed_dim": s.beats_d,
+        "input_patch_size": 16,
+        "embed_dim": s.beats_embed,
+        "conv_bias": False,
+        "encoder_layers": s.beats_layers,
+        "encoder_embed_dim": s.beats_d,
         "encoder_ffn_embed_dim": s.beats_ffn,
-        "encoder_attention_heads": s.beats_heads, "activation_fn": "gelu",
-        "layer_wise_gradient_decay_ratio": 0.6, "layer_norm_first": False,
-        "deep_norm": True, "dropout": 0.0, "attention_dropout": 0.0,
-        "activation_dropout": 0.0, "encoder_layerdrop": 0.05, "dropout_input": 0.0,
-        "conv_pos": s.beats_conv_pos, "conv_pos_groups": s.beats_conv_groups,
-        "relative_position_embedding": True, "num_buckets": s.beats_buckets,
-        "max_distance": s.beats_max_distance, "gru_rel_pos": True,
-        "finetuned_model": True, "predictor_dropout": 0.0,
+        "encoder_attention_heads": s.beats_heads,
+        "activation_fn": "gelu",
+        "layer_wise_gradient_decay_ratio": 0.6,
+        "layer_norm_first": False,
+        "deep_norm": True,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
+        "encoder_layerdrop": 0.05,
+        "dropout_input": 0.0,
+        "conv_pos": s.beats_conv_pos,
+        "conv_pos_groups": s.beats_conv_groups,
+        "relative_position_embedding": True,
+        "num_buckets": s.beats_buckets,
+        "max_distance": s.beats_max_distance,
+        "gru_rel_pos": True,
+        "finetuned_model": True,
+        "predictor_dropout": 0.0,
         "predictor_class": s.beats_classes,
     }
 
@@ -172,17 +197,17 @@ def beats_state_dict(r: Rand, cfg: dict) -> dict:
 # ---------------------------------------------------------------- tokenizer
 _WORDS = {
     "subj": "the speaker|a woman|a man|the child|my friend|the teacher|our team|the dog|"
-            "a bird|the crowd|the engine|the radio|an old clock|the orchestra|someone",
+    "a bird|the crowd|the engine|the radio|an old clock|the orchestra|someone",
     "verb": "says|sings|plays|hears|describes|explains|repeats|whispers|shouts|"
-            "records|laughs about|talks about|listens to|asks about|answers",
+    "records|laughs about|talks about|listens to|asks about|answers",
     "obj": "the weather|a short story|the news|a piano melody|the recipe|the music|"
-           "a question|the answer|the lesson|the meeting|a loud noise|the rain|"
-           "the traffic|a guitar song|the football match|the history of science",
+    "a question|the answer|the lesson|the meeting|a loud noise|the rain|"
+    "the traffic|a guitar song|the football match|the history of science",
     "where": "in the kitchen|at the station|near the river|in a quiet room|on the radio|"
-             "outside the house|in the morning|during the concert|after dinner|"
-             "at the airport|in the park|over the phone|before the lecture",
+    "outside the house|in the morning|during the concert|after dinner|"
+    "at the airport|in the park|over the phone|before the lecture",
     "adv": "quickly|slowly|clearly|softly|loudly|happily|carefully|again|today|"
-           "yesterday|tomorrow|twice|suddenly|calmly",
+    "yesterday|tomorrow|twice|suddenly|calmly",
 }
 _FIXED = [
     "USER: <Speech><SpeechHere></Speech> Please transcribe the speech.",
@@ -217,22 +242,37 @@ def train_sentencepiece(vocab_size: int) -> bytes:
     buf = io.BytesIO()
     # LLaMA's trainer settings (see the released tokenizer.model trainer_spec).
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(tokenizer_corpus()), model_writer=buf,
-        model_type="bpe", vocab_size=vocab_size, character_coverage=1.0,
-        byte_fallback=True, split_digits=True, split_by_unicode_script=True,
-        split_by_whitespace=True, split_by_number=True, max_sentencepiece_length=16,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        normalization_rule_name="identity", add_dummy_prefix=True,
-        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-        num_threads=1, shuffle_input_sentence=False, minloglevel=2,
+        sentence_iterator=iter(tokenizer_corpus()),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        byte_fallback=True,
+        split_digits=True,
+        split_by_unicode_script=True,
+        split_by_whitespace=True,
+        split_by_number=True,
+        max_sentencepiece_length=16,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        minloglevel=2,
     )
     return buf.getvalue()
 
 
 def _token(content: str, typed: bool) -> dict:
-    t = {"content": content, "lstrip": False, "normalized": True,
-         "rstrip": False, "single_word": False}
+    t = {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
     return {"__type": "AddedToken", **t} if typed else t
 
 
@@ -242,10 +282,14 @@ def write_tokenizer(out: Path, model_bytes: bytes):
     names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     special = {k: _token(v, False) for k, v in names.items()}
     config = {
-        "add_bos_token": True, "add_eos_token": False,
+        "add_bos_token": True,
+        "add_eos_token": False,
         **{k: _token(v, True) for k, v in names.items()},
-        "clean_up_tokenization_spaces": False, "model_max_length": int(1e30),
-        "pad_token": None, "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(1e30),
+        "pad_token": None,
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
     }
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -260,10 +304,18 @@ def make_llm(out: Path, s: TinySizes, seed: int):
     model_bytes = train_sentencepiece(s.sp_vocab)
     vocab = spm.SentencePieceProcessor(model_proto=model_bytes).get_piece_size()
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=s.llm_hidden, intermediate_size=s.llm_inter,
-        num_hidden_layers=s.llm_layers, num_attention_heads=s.llm_heads,
-        max_position_embeddings=2048, rms_norm_eps=1e-6, hidden_act="silu",
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=s.llm_hidden,
+        intermediate_size=s.llm_inter,
+        num_hidden_layers=s.llm_layers,
+        num_attention_heads=s.llm_heads,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval().half()  # Vicuna ships float16 weights
@@ -360,8 +412,7 @@ def main(argv=None) -> int:
     ap.add_argument("--query-tokens", type=int, default=1)
     ap.add_argument("--lora-rank", type=int, default=8)
     a = ap.parse_args(argv)
-    s = TinySizes(qformer_layers=a.qformer_layers, query_tokens=a.query_tokens,
-                  lora_rank=a.lora_rank)
+    s = TinySizes(qformer_layers=a.qformer_layers, query_tokens=a.query_tokens, lora_rank=a.lora_rank)
     build(a.out_dir, s, a.seed)
     return 0
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +12,7 @@ import torch
 
 from salmonn_cli.errors import UsageError
 from salmonn_cli.generate import DecodeOptions, DecodeOutput, GenerationResult, Timings, decode
+from salmonn_cli.llm import lora_scale
 from tests.reference import case_paths, load_case
 
 CASES = case_paths()
@@ -25,23 +25,18 @@ EOS = 2
 
 
 def _build_reference_lm(components: Path):
-    """LLaMA + SALMONN's LoRA matrices (the real loader may replace this builder)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
+    """LLaMA + SALMONN's LoRA matrices through the package's own loaders (llm.py, checkpoint.py)."""
+    from salmonn_cli.checkpoint import read_salmonn_checkpoint
+    from salmonn_cli.llm import LoraSpec, attach_lora, load_language_model
 
-    lm = LlamaForCausalLM.from_pretrained(components / "llm", dtype=torch.float32)
-    lm = get_peft_model(lm, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
-    sd = torch.load(components / "salmonn.pth", map_location="cpu", weights_only=True)["model"]
-    lora = {k[len("llama_model.") :]: v for k, v in sd.items() if ".lora_" in k}
-    missing, unexpected = lm.load_state_dict(lora, strict=False)
-    assert not unexpected, unexpected
-    assert not [key for key in missing if ".lora_" in key], "some LoRA weights of the model were not in the file"
-    lm.eval()
+    ckpt = read_salmonn_checkpoint(components / "salmonn.pth")
+    lm = load_language_model(components / "llm", dtype=torch.float32, device="cpu")
+    lm = attach_lora(lm, LoraSpec(ckpt.lora_shape), ckpt.lora, path=ckpt.path)
     # the names line up: every LoRA tensor of the file is now the model's, and the model has no other LoRA tensor
     state = lm.state_dict()
     model_lora = {key for key in state if ".lora_" in key}
-    assert lora and model_lora == set(lora), (sorted(model_lora ^ set(lora)))[:4]
-    for key, value in lora.items():
+    assert ckpt.lora and model_lora == set(ckpt.lora), (sorted(model_lora ^ set(ckpt.lora)))[:4]
+    for key, value in ckpt.lora.items():
         assert torch.equal(state[key], value.to(state[key].dtype)), key
     return lm
 
@@ -58,23 +53,6 @@ def reference_lm():
         return built[key]
 
     return get
-
-
-@contextlib.contextmanager
-def lora_scaling(lm, value: float):
-    """Set every LoRA layer's scaling['default'] (as the reference's variants did), restore afterwards."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [module for module in lm.modules() if isinstance(module, LoraLayer)]
-    assert layers
-    saved = [layer.scaling["default"] for layer in layers]
-    for layer in layers:
-        layer.scaling["default"] = value
-    try:
-        yield
-    finally:
-        for layer, old in zip(layers, saved):
-            layer.scaling["default"] = old
 
 
 def _embeds(case) -> torch.Tensor:
@@ -121,7 +99,7 @@ def test_reference_greedy_lora_scale_variants(json_path, scale, key, reference_l
     case = load_case(json_path)
     assert scale in case.meta["lora_scale_variants"]
     lm = reference_lm(case)
-    with lora_scaling(lm, scale):
+    with lora_scale(lm, scale):
         out = decode(lm, _embeds(case), DecodeOptions(**case.meta["generation"]["greedy"]))
     assert list(out.token_ids) == case.arrays[key][1:].tolist()
 
@@ -151,11 +129,22 @@ class TableLM(torch.nn.Module):
         self.table = table
         self.calls: list[dict] = []
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-                past_key_values=None, use_cache=True):
+    def forward(
+        self,
+        input_ids=None,
+        inputs_embeds=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=True,
+    ):
         self.calls.append(
-            {"input_ids": None if input_ids is None else input_ids.tolist(), "embeds": inputs_embeds is not None,
-             "position_ids": position_ids.tolist(), "mask_len": attention_mask.shape[-1]}
+            {
+                "input_ids": None if input_ids is None else input_ids.tolist(),
+                "embeds": inputs_embeds is not None,
+                "position_ids": position_ids.tolist(),
+                "mask_len": attention_mask.shape[-1],
+            }
         )
         if inputs_embeds is not None:
             assert past_key_values is None
@@ -163,7 +152,7 @@ class TableLM(torch.nn.Module):
             seq = inputs_embeds.shape[1]
         else:
             cache = past_key_values
-            cache.rows = [row + (token,) for row, token in zip(cache.rows, input_ids[:, -1].tolist())]
+            cache.rows = [row + (token,) for row, token in zip(cache.rows, input_ids[:, -1].tolist(), strict=True)]
             seq = 1
         last = torch.stack([self.table(row) for row in cache.rows])
         logits = torch.zeros(last.shape[0], seq, last.shape[1])
@@ -246,8 +235,11 @@ def test_beam_length_normalisation_counts_the_placeholder():
 
 def test_beam_unfinished_hypotheses_are_normalised_by_placeholder_plus_new_ids():
     table = {(): {3: 0.6, 4: 0.3}, (3,): {4: 0.7}, (4,): {3: 0.5}}
-    out = decode(TableLM(lambda row: log_probs(6, table.get(row, {5: 0.9}))), EMBEDS,
-                 DecodeOptions(num_beams=2, max_new_tokens=2))
+    out = decode(
+        TableLM(lambda row: log_probs(6, table.get(row, {5: 0.9}))),
+        EMBEDS,
+        DecodeOptions(num_beams=2, max_new_tokens=2),
+    )
     assert out.token_ids == (3, 4)  # ran out of length: no eos
     assert out.sequence_score == pytest.approx((math.log(0.6) + math.log(0.7)) / 3, abs=1e-5)
 
@@ -259,8 +251,9 @@ def _random_table(row: tuple[int, ...]) -> torch.Tensor:
 
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_sampling_with_a_seeded_generator_is_reproducible(num_beams):
-    options = DecodeOptions(num_beams=num_beams, do_sample=True, temperature=0.8, top_k=20, top_p=0.95,
-                            max_new_tokens=12)
+    options = DecodeOptions(
+        num_beams=num_beams, do_sample=True, temperature=0.8, top_k=20, top_p=0.95, max_new_tokens=12
+    )
     lm = TableLM(_random_table)
 
     def run(seed: int) -> DecodeOutput:
@@ -286,16 +279,28 @@ def test_beam_sample_starts_every_beam_at_score_zero():
 def test_sampling_with_top_k_1_is_greedy():
     lm = TableLM(_random_table)
     greedy = decode(lm, EMBEDS, DecodeOptions(num_beams=1, max_new_tokens=12))
-    sampled = decode(lm, EMBEDS, DecodeOptions(num_beams=1, max_new_tokens=12, do_sample=True, top_k=1),
-                     generator=torch.Generator().manual_seed(0))
+    sampled = decode(
+        lm,
+        EMBEDS,
+        DecodeOptions(num_beams=1, max_new_tokens=12, do_sample=True, top_k=1),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert sampled.token_ids == greedy.token_ids
 
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(max_new_tokens=0), dict(num_beams=0), dict(do_sample=True, temperature=0.0), dict(top_p=0.0),
-     dict(top_p=1.5), dict(repetition_penalty=0.0), dict(top_k=-1), dict(min_length=-1),
-     dict(length_penalty=float("nan"))],
+    [
+        dict(max_new_tokens=0),
+        dict(num_beams=0),
+        dict(do_sample=True, temperature=0.0),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(repetition_penalty=0.0),
+        dict(top_k=-1),
+        dict(min_length=-1),
+        dict(length_penalty=float("nan")),
+    ],
 )
 def test_options_reject_nonsense(bad):
     with pytest.raises(UsageError):

@@ -18,17 +18,26 @@ pytestmark = pytest.mark.slow  # three ~5 s subprocess runs
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_model.py"
 COMPONENTS = ("whisper", "beats.pt", "llm", "salmonn.pth")
 FILES = (
-    "whisper/config.json", "whisper/preprocessor_config.json", "whisper/model.safetensors",
-    "beats.pt", "salmonn.pth",
-    "llm/config.json", "llm/generation_config.json", "llm/model.safetensors",
-    "llm/tokenizer.model", "llm/tokenizer_config.json", "llm/special_tokens_map.json",
+    "whisper/config.json",
+    "whisper/preprocessor_config.json",
+    "whisper/model.safetensors",
+    "beats.pt",
+    "salmonn.pth",
+    "llm/config.json",
+    "llm/generation_config.json",
+    "llm/model.safetensors",
+    "llm/tokenizer.model",
+    "llm/tokenizer_config.json",
+    "llm/special_tokens_map.json",
 )
 
 
 def run_script(out: Path, *args: str) -> str:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(out), *args],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
@@ -74,7 +83,7 @@ def test_writes_every_file_and_one_summary_line_per_component(made):
     assert not missing
     lines = stdout.strip().splitlines()
     assert len(lines) == len(COMPONENTS)
-    for line, name in zip(lines, COMPONENTS):
+    for line, name in zip(lines, COMPONENTS, strict=True):
         assert line.split()[0] == name and "KiB" in line
 
 
@@ -115,8 +124,10 @@ def test_tokenizer_round_trips_and_matches_sentencepiece(tiny, cls_name):
     sp = spm.SentencePieceProcessor(model_file=str(tiny / "llm" / "tokenizer.model"))
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     assert 900 <= len(tok) <= 1100
-    for text in ["USER: <Speech><SpeechHere></Speech> Please transcribe the speech.\nASSISTANT:",
-                 "Hello  world 2023, ünïcödé 你好"]:
+    for text in [
+        "USER: <Speech><SpeechHere></Speech> Please transcribe the speech.\nASSISTANT:",
+        "Hello  world 2023, ünïcödé 你好",
+    ]:
         ids = tok(text).input_ids
         assert ids[0] == 1 and ids[-1] != 2
         assert ids[1:] == sp.encode(text)
@@ -207,6 +218,10 @@ def test_options_change_sizes_and_seed_changes_values(tiny, tmp_path):
     lora_a = "llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
     assert sd[lora_a].shape == (4, 64)
     base, variant = all_tensors(tiny), all_tensors(out)
-    for key in ("whisper/encoder.conv1.weight", "beats/predictor.weight", "llm/lm_head.weight",
-                "salmonn/speech_llama_proj.weight"):
+    for key in (
+        "whisper/encoder.conv1.weight",
+        "beats/predictor.weight",
+        "llm/lm_head.weight",
+        "salmonn/speech_llama_proj.weight",
+    ):
         assert base[key].shape == variant[key].shape and not torch.equal(base[key], variant[key]), key

@@ -18,14 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_tiny(out: Path, *args: str) -> Path:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out), *args],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out), *args], check=True, capture_output=True
+    )
     return out
 
 
 def load(folder: Path, **kwargs):
-    return salmonn_cli.load_model(folder / "whisper", folder / "beats.pt", folder / "llm", folder / "salmonn.pth",
-                                  **kwargs)
+    return salmonn_cli.load_model(
+        folder / "whisper", folder / "beats.pt", folder / "llm", folder / "salmonn.pth", **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +93,9 @@ def test_loss_is_finite_and_depends_on_the_target(model):
 
 
 def test_sizes_other_than_the_published_ones(tmp_path):
-    folder = make_tiny(tmp_path / "variant", "--seed", "3", "--query-tokens", "3", "--qformer-layers", "1",
-                       "--lora-rank", "4")
+    folder = make_tiny(
+        tmp_path / "variant", "--seed", "3", "--query-tokens", "3", "--qformer-layers", "1", "--lora-rank", "4"
+    )
     model = load(folder, second_per_window=0.5, second_stride=0.25)
     assert model.settings.windows.kernel == 25 and model.settings.windows.stride == 12  # round(12.5) = 12
     tokens = model.audio_tokens(tone(1.0))

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 import salmonn_cli
-from salmonn_cli.features import beats_fbank, whisper_log_mel
 from salmonn_cli.audio import model_window
-from salmonn_cli.generate import DecodeOptions
+from salmonn_cli.features import beats_fbank, whisper_log_mel
 from salmonn_cli.prompt import target_ids
 
 from .reference import Case, assert_close, case_paths, load_case
@@ -33,8 +32,14 @@ IDS = [p.stem for p in CASES]
 @lru_cache(maxsize=4)
 def _model(components: str, second_per_window: float, second_stride: float, heads: int, scale: float):
     return salmonn_cli.load_model(
-        f"{components}/whisper", f"{components}/beats.pt", f"{components}/llm", f"{components}/salmonn.pth",
-        second_per_window=second_per_window, second_stride=second_stride, qformer_heads=heads, lora_scale=scale,
+        f"{components}/whisper",
+        f"{components}/beats.pt",
+        f"{components}/llm",
+        f"{components}/salmonn.pth",
+        second_per_window=second_per_window,
+        second_stride=second_stride,
+        qformer_heads=heads,
+        lora_scale=scale,
     )
 
 
@@ -43,8 +48,13 @@ def model_for(case: Case):
     opts = case.meta["model_options"]
     scale = opts["lora_alpha"] / opts["lora_rank"]
     assert scale == case.meta["lora_scale"]
-    return _model(str(case.components), opts["second_per_window"], opts["second_stride"],
-                  opts["qformer"]["num_attention_heads"], scale)
+    return _model(
+        str(case.components),
+        opts["second_per_window"],
+        opts["second_stride"],
+        opts["qformer"]["num_attention_heads"],
+        scale,
+    )
 
 
 @pytest.fixture(params=CASES, ids=IDS)
@@ -82,7 +92,10 @@ def test_encoders(case):
 def test_connector(case):
     model = model_for(case)
     opts = case.meta["model_options"]
-    assert (model.settings.windows.kernel, model.settings.windows.stride) == (opts["window_frames"], opts["stride_frames"])
+    assert (model.settings.windows.kernel, model.settings.windows.stride) == (
+        opts["window_frames"],
+        opts["stride_frames"],
+    )
     speech, audio = t(case.arrays["whisper_encoder_output"]), t(case.arrays["beats_encoder_output"])
     states = model.connector.qformer_states(speech, audio)
     assert_close(states.numpy(), case.arrays["qformer_last_hidden_state"], STAGE_ATOL, "Q-Former output")
@@ -114,7 +127,9 @@ def test_first_logits(case, variant):
 @torch.inference_mode()
 def test_loss_from_reference_inputs(case):
     model = model_for(case)
-    tokens = target_ids(model.tokenizer, case.meta["training"]["target_text"], case.meta["model_options"]["max_txt_len"])
+    tokens = target_ids(
+        model.tokenizer, case.meta["training"]["target_text"], case.meta["model_options"]["max_txt_len"]
+    )
     assert list(tokens) == case.arrays["loss_target_ids"].tolist()
     loss = model.loss_from_inputs(t(case.arrays["loss_inputs_embeds"]), t(case.arrays["loss_labels"]))
     expected = case.meta["results"]["loss_excluding_pad_column"]  # our softmax has no [PAD] column
@@ -126,19 +141,28 @@ def test_end_to_end_audio_tokens_and_loss(case):
     waveform = salmonn_cli.load_audio(case.audio_path)
     tokens = model.audio_tokens(waveform)
     assert_close(tokens.numpy(), case.arrays["audio_embeds"], STAGE_ATOL, "audio tokens from the wav")
-    embeds, labels = model.training_inputs(waveform, case.meta["prompt"], case.meta["training"]["target_text"],
-                                           case.meta["model_options"]["max_txt_len"])
+    embeds, labels = model.training_inputs(
+        waveform, case.meta["prompt"], case.meta["training"]["target_text"], case.meta["model_options"]["max_txt_len"]
+    )
     assert labels.tolist() == case.arrays["loss_labels"].tolist()
     assert_close(embeds.detach().numpy(), case.arrays["loss_inputs_embeds"], STAGE_ATOL, "loss input embeddings")
-    loss = model.loss(waveform, case.meta["prompt"], case.meta["training"]["target_text"],
-                      max_txt_len=case.meta["model_options"]["max_txt_len"])
+    loss = model.loss(
+        waveform,
+        case.meta["prompt"],
+        case.meta["training"]["target_text"],
+        max_txt_len=case.meta["model_options"]["max_txt_len"],
+    )
     assert abs(loss - case.meta["results"]["loss_excluding_pad_column"]) <= LOSS_ATOL
 
 
 @pytest.mark.parametrize(
     "mode, array, scale",
-    [("greedy", "greedy_ids", None), ("beam", "beam_ids", None),
-     ("greedy", "greedy_ids_lora_scale_2p0", 2.0), ("greedy", "greedy_ids_lora_scale_0p0", 0.0)],
+    [
+        ("greedy", "greedy_ids", None),
+        ("beam", "beam_ids", None),
+        ("greedy", "greedy_ids_lora_scale_2p0", 2.0),
+        ("greedy", "greedy_ids_lora_scale_0p0", 0.0),
+    ],
     ids=["greedy", "beam", "greedy-lora2", "greedy-lora0"],
 )
 def test_end_to_end_generation(case, mode, array, scale):

@@ -40,8 +40,17 @@ class SalmonnSettings:
 class SalmonnModel(nn.Module):
     """The assembled model. Build it with `salmonn_cli.load_model`."""
 
-    def __init__(self, *, whisper: nn.Module, whisper_extractor, beats: nn.Module, connector: SpeechConnector,
-                 llm: nn.Module, tokenizer: TextCodec, settings: SalmonnSettings) -> None:
+    def __init__(
+        self,
+        *,
+        whisper: nn.Module,
+        whisper_extractor,
+        beats: nn.Module,
+        connector: SpeechConnector,
+        llm: nn.Module,
+        tokenizer: TextCodec,
+        settings: SalmonnSettings,
+    ) -> None:
         super().__init__()
         self.whisper = whisper
         self.whisper_extractor = whisper_extractor
@@ -104,18 +113,37 @@ class SalmonnModel(nn.Module):
         return out.logits[0, -1].float()
 
     # -- generation ----------------------------------------------------------------------------------------
-    def generate(self, waveform: np.ndarray, prompt: str, *, max_new_tokens: int = 200, num_beams: int = 4,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 0.9,
-                 repetition_penalty: float = 1.0, length_penalty: float = 1.0, min_length: int = 1,
-                 lora_scale: float | None = None, generator: torch.Generator | None = None) -> GenerationResult:
+    def generate(
+        self,
+        waveform: np.ndarray,
+        prompt: str,
+        *,
+        max_new_tokens: int = 200,
+        num_beams: int = 4,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
+        min_length: int = 1,
+        lora_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> GenerationResult:
         """Answer `prompt` about the first 30 s of `waveform` (1-D float32, 16 kHz), as the original does.
 
         Decoding defaults are the original's (beams 4, 200 new tokens, no sampling); `min_length` counts the
         BOS placeholder as transformers 4.28 did. `lora_scale` overrides the trained scaling for this call.
         """
-        options = DecodeOptions(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-                                temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
-                                length_penalty=length_penalty, min_length=min_length)
+        options = DecodeOptions(
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            length_penalty=length_penalty,
+            min_length=min_length,
+        )
         start = time.perf_counter()
         tokens = self.audio_tokens(waveform)
         encode_s = time.perf_counter() - start
@@ -124,23 +152,41 @@ class SalmonnModel(nn.Module):
         return replace(result, timings=timings)
 
     @torch.inference_mode()
-    def answer(self, audio_tokens: torch.Tensor, prompt: str, options: DecodeOptions = DecodeOptions(), *,
-               lora_scale: float | None = None, generator: torch.Generator | None = None) -> GenerationResult:
-        """Generate from audio tokens already computed (so a chat can ask many questions about one clip)."""
+    def answer(
+        self,
+        audio_tokens: torch.Tensor,
+        prompt: str,
+        options: DecodeOptions | None = None,
+        *,
+        lora_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> GenerationResult:
+        """Generate from audio tokens already computed (so a chat can ask many questions about one clip).
+
+        `options` defaults to the original's decoding (`DecodeOptions()`: beams 4, 200 new tokens).
+        """
+        options = options or DecodeOptions()
         start = time.perf_counter()
         embeds = self.inputs_embeds(audio_tokens, prompt)
         with scaled_lora(self.llm, self._scale(lora_scale)):
-            out = decode(self.llm, embeds, options, eos_token_id=self.settings.eos_token_id,
-                         bos_token_id=self.settings.bos_token_id, pad_token_id=self.settings.pad_token_id,
-                         generator=generator)
+            out = decode(
+                self.llm,
+                embeds,
+                options,
+                eos_token_id=self.settings.eos_token_id,
+                bos_token_id=self.settings.bos_token_id,
+                pad_token_id=self.settings.pad_token_id,
+                generator=generator,
+            )
         ids = list(out.token_ids)
         text = self.tokenizer.decode(ids)
         elapsed = time.perf_counter() - start
         return GenerationResult(text=text, token_ids=ids, timings=Timings(decode_s=elapsed, total_s=elapsed))
 
     # -- training loss -------------------------------------------------------------------------------------
-    def training_inputs(self, waveform: np.ndarray, prompt: str, target_text: str,
-                        max_txt_len: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_inputs(
+        self, waveform: np.ndarray, prompt: str, target_text: str, max_txt_len: int = 300
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs with the target appended and labels masking all before it, as the original's forward builds."""
         speech = self.encode_speech(self.whisper_features(waveform))
         audio = self.encode_audio(self.beats_features(waveform))
@@ -149,16 +195,25 @@ class SalmonnModel(nn.Module):
         table = input_embeddings(self.llm)
         return prompts.assemble_training(table, self.prompt_ids(prompt), tokens, self.settings.bos_token_id, targets)
 
-    def loss_from_inputs(self, inputs_embeds: torch.Tensor, labels: torch.Tensor, *,
-                         lora_scale: float | None = None) -> torch.Tensor:
+    def loss_from_inputs(
+        self, inputs_embeds: torch.Tensor, labels: torch.Tensor, *, lora_scale: float | None = None
+    ) -> torch.Tensor:
         """Mean next-token cross-entropy over the labelled positions (Hugging Face's causal-LM loss)."""
         with scaled_lora(self.llm, self._scale(lora_scale)):
-            return self.llm(inputs_embeds=inputs_embeds.to(self.device), labels=labels.to(self.device),
-                            use_cache=False).loss
+            return self.llm(
+                inputs_embeds=inputs_embeds.to(self.device), labels=labels.to(self.device), use_cache=False
+            ).loss
 
     @torch.inference_mode()
-    def loss(self, waveform: np.ndarray, prompt: str, target_text: str, *, max_txt_len: int = 300,
-             lora_scale: float | None = None) -> float:
+    def loss(
+        self,
+        waveform: np.ndarray,
+        prompt: str,
+        target_text: str,
+        *,
+        max_txt_len: int = 300,
+        lora_scale: float | None = None,
+    ) -> float:
         """The training loss exactly as the original's forward computes it (target + `</s>`; prompt masked)."""
         embeds, labels = self.training_inputs(waveform, prompt, target_text, max_txt_len)
         return float(self.loss_from_inputs(embeds, labels, lora_scale=lora_scale))
