@@ -1,9 +1,33 @@
-"""LLM weight quantisation: a spec (none | 8bit | 4bit) and its backends (bitsandbytes, optimum-quanto).
+"""LLM weight quantisation: a spec (none | 8bit | 4bit), its backends (bitsandbytes, optimum-quanto) and the
+memory each mode needs.
 
-Imports nothing heavy: torch and transformers load only when a config is built.
+Imports nothing heavy: torch, transformers and the backends load only when a model is quantised.
 """
 
-from .backends import MissingBackendError, llm_quantization_config
+from .backends import (
+    MissingBackendError,
+    llm_dtype,
+    llm_quantization_config,
+    quantize_in_place,
+    quantized_layers,
+    resolve_backend,
+)
+from .memory import MemoryEstimate, choose_cpu_mode, choose_mode, estimate_memory
 from .spec import BACKENDS, MODES, QuantizationError, QuantSpec
 
-__all__ = ["QuantSpec", "QuantizationError", "MissingBackendError", "llm_quantization_config", "MODES", "BACKENDS"]
+__all__ = [
+    "QuantSpec",
+    "QuantizationError",
+    "MissingBackendError",
+    "llm_quantization_config",
+    "llm_dtype",
+    "quantize_in_place",
+    "quantized_layers",
+    "resolve_backend",
+    "MemoryEstimate",
+    "estimate_memory",
+    "choose_mode",
+    "choose_cpu_mode",
+    "MODES",
+    "BACKENDS",
+]

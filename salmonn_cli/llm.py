@@ -85,6 +85,23 @@ def attach_lora(model: "nn.Module", spec: LoraSpec, lora: Mapping[str, "torch.Te
     return wrapped.eval()
 
 
+# peft's adapter matrices (lora_A/B.<adapter>) and the output head stay in full precision when quantising after
+# LoRA is attached: the adapter is tiny and trained, and both backends keep lm_head unquantised.
+_KEEP_FULL_PRECISION = ("*.lora_A.*", "*.lora_B.*", "*lm_head")
+
+
+def quantize_base_layers(model: "nn.Module", spec, device_type: str) -> "nn.Module":
+    """Quantise the base Linear layers under the LoRA-wrapped `model` (`quantize.QuantSpec`); LoRA itself is kept.
+
+    For backends applied after loading (optimum-quanto) this turns each `lora.Linear.base_layer` into a quanto
+    QLinear, which peft's forward still calls, so `lora_scale` acts as before; for bitsandbytes, already applied
+    by `load_language_model`, it only adjusts the CPU kernels.
+    """
+    from quantize import quantize_in_place
+
+    return quantize_in_place(model, spec, device_type, exclude=_KEEP_FULL_PRECISION)
+
+
 def _check_lora_keys(expected: Mapping[str, "torch.Tensor"], lora: Mapping[str, "torch.Tensor"], path: Path) -> None:
     original = "llama_model.{}".format  # how the key is written in the SALMONN file
     for key in lora:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import DependencyError, ShapeMismatchError, UsageError
@@ -49,6 +49,7 @@ def load_model(
     second_stride: float = DEFAULT_SECOND_PER_WINDOW,
     qformer_heads: int | None = None,
     lora_scale: float = 4.0,
+    prompt_template: str | None = None,
 ):
     """Load SALMONN from its four components and return a `SalmonnModel` in eval mode.
 
@@ -58,12 +59,14 @@ def load_model(
     heads (`qformer_heads`, default width/64) and the LoRA scaling the checkpoint was trained at (`lora_scale`,
     lora_alpha / r = 4.0 for the published models), which every call uses unless it names its own.
     dtype: default float32 on CPU, float16 on CUDA. quantization: None/"none", "8bit", "4bit" or a
-    `quantize.QuantSpec`: applied to the LLM only (bitsandbytes on CUDA, optimum-quanto on CPU/MPS).
+    `quantize.QuantSpec`: applied to the LLM only (bitsandbytes on CUDA, optimum-quanto on CPU/MPS; quanto int4
+    runs the LLM in bfloat16 on CPU, where its fast kernel needs it).
+    prompt_template: the chat template with one `{}` (default the original's `USER: {}\nASSISTANT:`).
     """
     import torch
 
     from .checkpoint import load_strict, read_beats_checkpoint, read_salmonn_checkpoint
-    from .llm import LoraSpec, attach_lora, load_language_model
+    from .llm import LoraSpec, attach_lora, load_language_model, quantize_base_layers
     from .model.beats import build_beats
     from .model.qformer import SpeechConnector, WindowSpec
     from .model.salmonn import SalmonnModel, SalmonnSettings
@@ -73,7 +76,7 @@ def load_model(
     paths = ComponentPaths(Path(whisper), Path(beats), Path(llm), Path(checkpoint))
     torch_device = resolve_device(device)
     dtype = dtype or (torch.float16 if torch_device.type == "cuda" else torch.float32)
-    llm_quantization = _llm_quantization(quantization, torch_device, dtype)
+    spec, llm_dtype, llm_quantization = _llm_quantization(quantization, torch_device, dtype)
 
     ckpt = read_salmonn_checkpoint(paths.checkpoint)
     shape = ckpt.connector_shape
@@ -88,7 +91,7 @@ def load_model(
     connector = connector.to(device=torch_device, dtype=dtype).eval()
 
     language_model = load_language_model(
-        paths.llm, dtype=dtype, device=str(torch_device), quantization_config=llm_quantization
+        paths.llm, dtype=llm_dtype, device=str(torch_device), quantization_config=llm_quantization
     )
     if language_model.config.hidden_size != shape.llm_hidden:
         raise ShapeMismatchError(
@@ -100,7 +103,10 @@ def load_model(
     language_model = attach_lora(
         language_model, LoraSpec(ckpt.lora_shape, trained_scale=lora_scale), ckpt.lora, path=ckpt.path
     )
+    language_model = quantize_base_layers(language_model, spec, torch_device.type)  # quanto: after LoRA
     settings = SalmonnSettings(windows=windows, trained_lora_scale=lora_scale)
+    if prompt_template is not None:
+        settings = replace(settings, prompt_template=_checked_template(prompt_template))
     model = SalmonnModel(
         whisper=whisper_encoder,
         whisper_extractor=extractor,
@@ -134,12 +140,24 @@ def _check_widths(shape, whisper_width: int, beats_width: int, path: Path) -> No
 
 
 def _llm_quantization(quantization, device, dtype):
-    """The transformers quantisation config for the LLM (None for full precision); errors become ours."""
-    from quantize import MissingBackendError, QuantizationError, llm_quantization_config
+    """(QuantSpec, the LLM's dtype, the transformers quantisation config or None); errors become ours.
+
+    Checked before anything is loaded, so a missing backend fails fast.
+    """
+    from quantize import MissingBackendError, QuantizationError, QuantSpec, llm_dtype, llm_quantization_config
 
     try:
-        return llm_quantization_config(quantization, device.type, compute_dtype=dtype)
+        spec = QuantSpec.parse(quantization)
+        run_dtype = llm_dtype(spec, device.type, dtype)
+        return spec, run_dtype, llm_quantization_config(spec, device.type, compute_dtype=run_dtype)
     except MissingBackendError as exc:
         raise DependencyError(str(exc)) from None
     except QuantizationError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _checked_template(template: str) -> str:
+    """A prompt template needs exactly one `{}`, where the audio slot and the instruction go."""
+    if template.count("{}") != 1:
+        raise UsageError(f"a prompt template needs exactly one '{{}}' for the instruction; got {template!r}")
+    return template

@@ -1,0 +1,204 @@
+"""LLM quantisation on CPU with both backends (bitsandbytes and optimum-quanto, 4-bit and 8-bit) on the tiny model,
+plus the spec, the transformers configs, the memory estimates and `auto`'s choices."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import quantize
+from quantize import QuantizationError, QuantSpec, llm_dtype, llm_quantization_config
+from quantize.memory import GIB, choose_cpu_mode, choose_mode, estimate_memory
+from salmonn_cli.errors import DependencyError
+from salmonn_cli.llm import lora_layers
+from tests.test_model import load, make_tiny
+
+COMBOS = [("bitsandbytes", "4bit"), ("bitsandbytes", "8bit"), ("quanto", "4bit"), ("quanto", "8bit")]
+# Bounds on first-step logits vs the unquantised tiny model. Measured: cosine 0.9954 / 0.99996 (bnb nf4 / int8),
+# 0.9958 / 0.99998 (quanto int4 in bf16 / int8); max |diff| / max |logit| 0.087 / 0.009, 0.098 / 0.005.
+MIN_COSINE = {"4bit": 0.98, "8bit": 0.999}
+MAX_RELATIVE = {"4bit": 0.25, "8bit": 0.03}
+PROMPT = "What do you hear?"
+
+
+def chirp() -> np.ndarray:
+    t = np.arange(16_000) / 16_000
+    return (0.3 * np.sin(2 * np.pi * (200 + 800 * t) * t)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("quant") / "model")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    return load(tiny)
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=[f"{b}-{m}" for b, m in COMBOS])
+def quantised(request, tiny):
+    backend, mode = request.param
+    return backend, mode, load(tiny, quantization=QuantSpec(mode, backend))
+
+
+def first_logits(model, **kwargs) -> torch.Tensor:
+    """Each model embeds its own prompt: the quanto int4 LLM runs in bfloat16."""
+    return model.next_token_logits(model.inputs_embeds(model.audio_tokens(chirp()), PROMPT), **kwargs)
+
+
+def quantised_class(backend: str, mode: str) -> type:
+    if backend == "bitsandbytes":
+        import bitsandbytes as bnb
+
+        return bnb.nn.Linear4bit if mode == "4bit" else bnb.nn.Linear8bitLt
+    from optimum.quanto import QLinear
+
+    return QLinear
+
+
+# -- the quantised tiny model ------------------------------------------------------------------------------------
+def test_llm_base_layers_are_quantised_and_the_rest_is_not(quantised):
+    backend, mode, model = quantised
+    cls = quantised_class(backend, mode)
+    llama = model.llm.get_base_model()
+    layers = llama.model.layers
+    for layer in layers:
+        for linear in (layer.self_attn.k_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj):
+            assert isinstance(linear, cls)
+        for adapted in (layer.self_attn.q_proj, layer.self_attn.v_proj):  # peft lora.Linear over a quantised base
+            assert isinstance(adapted.base_layer, cls)
+            assert type(adapted.lora_A["default"]) is nn.Linear and type(adapted.lora_B["default"]) is nn.Linear
+    assert len(quantize.quantized_layers(model.llm)) == 7 * len(layers)
+    assert type(llama.lm_head) is nn.Linear
+    for part in (model.whisper, model.beats, model.connector):
+        assert quantize.quantized_layers(part) == []
+        assert {p.dtype for p in part.parameters()} == {torch.float32}
+
+
+def test_first_step_logits_stay_close_to_full_precision(quantised, reference):
+    _, mode, model = quantised
+    full, quant = first_logits(reference), first_logits(model)
+    assert torch.isfinite(quant).all()
+    cosine = torch.nn.functional.cosine_similarity(full, quant, dim=0).item()
+    relative = ((full - quant).abs().max() / full.abs().max()).item()
+    assert cosine > MIN_COSINE[mode], cosine
+    assert relative < MAX_RELATIVE[mode], relative
+
+
+def test_quantised_model_generates(quantised):
+    _, _, model = quantised
+    result = model.generate(chirp(), PROMPT, max_new_tokens=4, num_beams=2)
+    assert 1 <= len(result.token_ids) <= 4
+    assert all(0 <= i < model.llm.config.vocab_size for i in result.token_ids)
+
+
+def test_lora_still_applies_and_its_scale_is_restored(quantised):
+    _, _, model = quantised
+    trained = first_logits(model)
+    off, strong = first_logits(model, lora_scale=0.0), first_logits(model, lora_scale=8.0)
+    assert (trained - off).abs().max() > 1e-2 and (strong - trained).abs().max() > 1e-2
+    assert {layer.scaling["default"] for layer in lora_layers(model.llm)} == {4.0}
+    assert torch.equal(first_logits(model), trained)
+
+
+# -- the spec and the configs ------------------------------------------------------------------------------------
+def test_spec_parsing_and_validation():
+    assert QuantSpec.parse(None) == QuantSpec("none") == QuantSpec.parse("")
+    assert QuantSpec.parse("nf4").mode == "4bit" and QuantSpec.parse("int8").mode == "8bit"
+    assert QuantSpec.parse("4BIT", backend="quanto") == QuantSpec("4bit", "quanto")
+    assert not QuantSpec.parse("none").enabled and QuantSpec("8bit").enabled
+    assert QuantSpec("4bit").backend_for("cuda") == "bitsandbytes"
+    assert QuantSpec("4bit").backend_for("cpu") == QuantSpec("4bit").backend_for("mps") == "quanto"
+    assert QuantSpec("4bit", "bitsandbytes").backend_for("cpu") == "bitsandbytes"
+    with pytest.raises(QuantizationError, match="3bit"):
+        QuantSpec.parse("3bit")
+    with pytest.raises(QuantizationError, match="gptq"):
+        QuantSpec("4bit", "gptq")  # type: ignore[arg-type]
+
+
+def test_bitsandbytes_config_is_the_qlora_standard():
+    nf4 = llm_quantization_config("4bit", "cuda")
+    assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4" and nf4.bnb_4bit_use_double_quant
+    assert nf4.bnb_4bit_compute_dtype == torch.float16
+    assert (
+        llm_quantization_config("4bit", "cuda", compute_dtype=torch.bfloat16).bnb_4bit_compute_dtype == torch.bfloat16
+    )
+    int8 = llm_quantization_config("8bit", "cuda")
+    assert int8.load_in_8bit and not int8.load_in_4bit
+    assert llm_quantization_config(QuantSpec("8bit", "bitsandbytes"), "cpu").load_in_8bit
+    # quanto is applied after loading (and after LoRA), never through from_pretrained
+    assert llm_quantization_config("4bit", "cpu") is None and llm_quantization_config("none", "cuda") is None
+
+
+def test_llm_dtype_is_bfloat16_only_for_quanto_int4_on_cpu():
+    assert llm_dtype("4bit", "cpu", torch.float32) == torch.bfloat16
+    assert llm_dtype("8bit", "cpu", torch.float32) == torch.float32
+    assert llm_dtype(QuantSpec("4bit", "bitsandbytes"), "cpu", torch.float32) == torch.float32
+    assert llm_dtype("4bit", "cuda", torch.float16) == torch.float16
+    assert llm_dtype("none", "cpu", torch.float32) == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("spec", "package"), [("4bit", "optimum-quanto"), (QuantSpec("8bit", "bitsandbytes"), "bitsandbytes")]
+)
+def test_missing_backend_is_a_dependency_error_with_the_pip_command(tiny, monkeypatch, spec, package):
+    real = importlib.util.find_spec
+    hidden = ("bitsandbytes", "optimum.quanto")
+    monkeypatch.setattr(
+        quantize.backends.importlib.util, "find_spec", lambda name, *a: None if name in hidden else real(name, *a)
+    )
+    with pytest.raises(DependencyError, match=f"pip install {package}"):
+        load(tiny, quantization=spec)
+
+
+# -- memory ------------------------------------------------------------------------------------------------------
+VICUNA_13B, VICUNA_7B = 13_015_864_320, 6_738_415_616
+ENCODERS = 637_000_000 + 91_000_000 + 23_000_000  # Whisper-large-v2 encoder, BEATs, Q-Former
+
+
+@pytest.mark.parametrize(
+    ("params", "mode", "gb"),
+    [
+        (VICUNA_13B, "none", 26.0),
+        (VICUNA_13B, "8bit", 13.3),
+        (VICUNA_13B, "4bit", 7.2),
+        (VICUNA_7B, "none", 13.5),
+        (VICUNA_7B, "8bit", 7.0),
+        (VICUNA_7B, "4bit", 3.9),
+    ],
+)
+def test_llm_weights_match_the_published_sizes(params, mode, gb):
+    assert estimate_memory(params, ENCODERS, mode).weights_bytes / 1e9 == pytest.approx(gb, rel=0.05)
+
+
+def test_estimate_adds_fp16_encoders_cache_and_overhead():
+    est = estimate_memory(VICUNA_13B, 637_000_000, "4bit")
+    assert est.encoders_bytes / 1e9 == pytest.approx(1.27, rel=0.01)  # Whisper-large-v2 encoder in fp16
+    assert est.kv_cache_bytes == 2 * 40 * 5120 * 2048 * 2  # Vicuna-13B: 40 layers x 5120 wide, fp16
+    assert est.total_bytes == est.weights_bytes + est.encoders_bytes + est.kv_cache_bytes + est.overhead_bytes
+    assert est.total_gib == est.total_bytes / GIB
+    assert 10 < est.total_gib < 12  # "13B fits a 12-16 GB card in 4-bit"
+    assert estimate_memory(VICUNA_13B, 0, "4bit", hidden=4096, layers=32).kv_cache_bytes == 2 * 32 * 4096 * 2048 * 2
+    with pytest.raises(QuantizationError):
+        estimate_memory(VICUNA_7B, 0, "2bit")
+
+
+@pytest.mark.parametrize("expected", ["none", "8bit", "4bit"])
+def test_choose_mode_takes_the_most_precise_that_fits_with_margin(expected):
+    needed = estimate_memory(VICUNA_13B, ENCODERS, expected).total_bytes
+    exact = int(needed * 1.1) + 1
+    assert choose_mode(exact, VICUNA_13B, ENCODERS) == expected
+    less = {"none": "8bit", "8bit": "4bit", "4bit": "4bit"}[expected]  # nothing fits -> 4bit; the caller warns
+    assert choose_mode(int(needed * 1.09), VICUNA_13B, ENCODERS) == less
+
+
+def test_choose_cpu_mode_keeps_precision_when_host_memory_allows():
+    assert choose_cpu_mode(256 * GIB, VICUNA_13B, ENCODERS) == "none"
+    assert choose_cpu_mode(32 * GIB, VICUNA_13B, ENCODERS) == "8bit"
+    assert choose_cpu_mode(16 * GIB, VICUNA_13B, ENCODERS) == "4bit"
+    assert choose_cpu_mode(4 * GIB, VICUNA_13B, ENCODERS) == "4bit"
