@@ -8,6 +8,7 @@ Produces, in a few seconds on a CPU and with no download:
   OUT_DIR/beats.pt     {'cfg': ..., 'model': ...} like BEATs_iter3_plus_AS2M_*.pt
   OUT_DIR/llm/         float16 LlamaForCausalLM + LLaMA-style SentencePiece tokenizer
   OUT_DIR/salmonn.pth  {'model': ...} with the keys a SALMONN training checkpoint keeps
+  OUT_DIR/model.toml   a model file naming the four above (usable as `salmonn ... --model OUT_DIR/model.toml`)
 
 Every random tensor comes from a generator seeded by --seed, so the same seed
 gives identical tensors. The tokenizer is trained on a fixed corpus (independent
@@ -397,8 +398,63 @@ def build(out: Path, s: TinySizes, seed: int):
     step("llm", lambda: make_llm(out / "llm", s, seed + 2))
     salmonn = salmonn_state_dict(Rand(seed + 3), s, beats)
     step("salmonn.pth", lambda: torch.save({"model": salmonn}, out / "salmonn.pth"))
+    write_model_file(out, s, beats, salmonn)
     for name, size, secs in steps:
         print(f"{name:12s} {size / 1024:8.1f} KiB  ({secs:.2f}s)  {out / name}")
+
+
+# ---------------------------------------------------------------- model file
+CONNECTOR_PREFIXES = ("speech_Qformer.", "speech_query_tokens", "ln_speech.", "ln_audio.", "speech_llama_proj.")
+
+
+def write_model_file(out: Path, s: TinySizes, beats_sd: dict, salmonn_sd: dict):
+    """OUT/model.toml: local paths to the four components, their settings, and parameter counts read from them."""
+    from safetensors import safe_open
+
+    def numel(path: Path, prefix: str = "") -> int:
+        with safe_open(str(path), framework="pt") as f:
+            return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(prefix))
+
+    # float tensors only: position_ids is a buffer, not a parameter
+    connector = sum(
+        v.numel() for k, v in salmonn_sd.items() if k.startswith(CONNECTOR_PREFIXES) and v.is_floating_point()
+    )
+    sizes = {
+        "llm_params": numel(out / "llm" / "model.safetensors"),
+        "whisper_encoder_params": numel(out / "whisper" / "model.safetensors", "encoder."),
+        "beats_params": sum(v.numel() for v in beats_sd.values()),
+        "connector_params": connector,
+    }
+    settings = {
+        "second_per_window": 0.333333,
+        "second_stride": 0.333333,
+        "qformer_heads": s.qformer_heads,  # in no tensor: the tiny Q-Former is built with this many heads
+        "lora_scale": 4.0,  # the published lora_alpha / r (32 / 8); the tiny LoRA weights are random
+        "prompt_template": "USER: {}\nASSISTANT:",
+    }
+    lines = [
+        'name = "tiny"',
+        'description = "tiny random SALMONN components from scripts/make_tiny_model.py (for tests)"',
+        "",
+        'whisper = { path = "whisper" }',
+        'beats = { path = "beats.pt" }',
+        'llm = { path = "llm" }',
+        'checkpoint = { path = "salmonn.pth" }',
+        "",
+        "[settings]",
+        *(f"{k} = {json.dumps(v)}" for k, v in settings.items()),  # a JSON string/number is valid TOML here
+        "",
+        "[sizes]",
+        *(f"{k} = {v}" for k, v in sizes.items()),
+    ]
+    (out / "model.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
 
 
 def main(argv=None) -> int:

@@ -225,3 +225,29 @@ def test_options_change_sizes_and_seed_changes_values(tiny, tmp_path):
         "salmonn/speech_llama_proj.weight",
     ):
         assert base[key].shape == variant[key].shape and not torch.equal(base[key], variant[key]), key
+
+
+def test_model_file_names_the_components_with_matching_settings_and_sizes(tiny):
+    from salmonn_cli.hub import resolve_components
+    from salmonn_cli.model_file import load_model_spec
+
+    spec = load_model_spec(str(tiny / "model.toml"))
+    assert spec.name == "tiny" and spec.file == (tiny / "model.toml").resolve()
+    paths = resolve_components(spec, offline=True)  # local paths only: no cache, no network
+    assert (paths.whisper, paths.beats, paths.llm, paths.checkpoint) == tuple(
+        (tiny / name).resolve() for name in COMPONENTS
+    )
+    sd = load_pt(tiny / "salmonn.pth")["model"]
+    hidden = sd["speech_query_tokens"].shape[-1]
+    assert spec.settings.qformer_heads == 4 and hidden % spec.settings.qformer_heads == 0
+    assert spec.settings.lora_scale == 4.0 and spec.settings.prompt_template == "USER: {}\nASSISTANT:"
+    tensors = all_tensors(tiny)
+
+    def count(prefix) -> int:
+        return sum(v.numel() for k, v in tensors.items() if k.startswith(prefix))
+
+    assert spec.sizes.llm_params == count("llm/")
+    assert spec.sizes.whisper_encoder_params == count("whisper/encoder.")
+    assert spec.sizes.beats_params == count("beats/")
+    connector = ("salmonn/speech_", "salmonn/ln_")
+    assert spec.sizes.connector_params == count(connector) - sd["speech_Qformer.bert.embeddings.position_ids"].numel()
