@@ -33,7 +33,8 @@ def load_audio(path: str | Path) -> np.ndarray:
     try:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, channels)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise AudioError(f"cannot read audio file {path}: {exc}") from None
+        reason = " ".join(str(exc).split())  # libsndfile's messages span lines; ours are one line
+        raise AudioError(f"cannot read audio file {path}: {reason}") from None
     if samples.shape[0] == 0:
         raise AudioError(f"audio file has no samples: {path}")
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
@@ -58,3 +59,17 @@ def model_window(waveform: np.ndarray) -> np.ndarray:
     if waveform.shape[0] < MIN_SAMPLES:
         waveform = np.pad(waveform, (0, MIN_SAMPLES - waveform.shape[0]))
     return waveform[:WINDOW_SAMPLES]
+
+
+SILENCE_DBFS = -50.0  # a 20 ms frame louder than this (RMS, dB re full scale) counts as audible
+_FRAME_SAMPLES = SAMPLE_RATE // 50  # 20 ms
+
+
+def is_silent(waveform: np.ndarray, threshold_dbfs: float = SILENCE_DBFS) -> bool:
+    """True when no 20 ms frame of the waveform is louder than `threshold_dbfs`: nothing for the model to hear."""
+    waveform = np.asarray(waveform, dtype=np.float32)
+    frames = waveform[: waveform.shape[0] // _FRAME_SAMPLES * _FRAME_SAMPLES].reshape(-1, _FRAME_SAMPLES)
+    if frames.shape[0] == 0:
+        frames = waveform[None]
+    rms = np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
+    return bool(rms.max(initial=0.0) <= 10 ** (threshold_dbfs / 20))

@@ -93,3 +93,39 @@ def assemble_training(
     labels = torch.full((1, embeds.shape[1]), IGNORE_INDEX, dtype=torch.long, device=prompt.device)
     labels[0, prompt.shape[1] :] = torch.tensor(targets, dtype=torch.long)
     return embeds, labels
+
+
+# Transcription has a trained prompt per language; `auto` lets the model hear the language itself.
+TRANSCRIBE_BY_LANGUAGE = {
+    "en": TASK_INSTRUCTIONS["transcribe"],
+    "auto": TASK_INSTRUCTIONS["transcribe"],
+    "zh": TASK_INSTRUCTIONS["transcribe_zh"],
+    "de": TASK_INSTRUCTIONS["transcribe_de"],
+}
+LANGUAGE_NAMES = {
+    "ar": "Arabic", "de": "German", "en": "English", "es": "Spanish", "fr": "French", "hi": "Hindi",
+    "it": "Italian", "ja": "Japanese", "ko": "Korean", "nl": "Dutch", "pl": "Polish", "pt": "Portuguese",
+    "ru": "Russian", "sv": "Swedish", "tr": "Turkish", "uk": "Ukrainian", "zh": "Chinese",
+}  # fmt: skip
+
+
+def transcribe_instruction(language: str) -> str:
+    """The original's transcription prompt for `language` (en, zh, de or auto)."""
+    key = language.strip().lower()
+    if key not in TRANSCRIBE_BY_LANGUAGE:
+        from .errors import UsageError
+
+        known = ", ".join(TRANSCRIBE_BY_LANGUAGE)
+        raise UsageError(f"no transcription prompt for language {language!r}: use --lang {known}, or --instruction")
+    return TRANSCRIBE_BY_LANGUAGE[key]
+
+
+def translate_instruction(language: str) -> str:
+    """The paper's translation prompt; `language` is a name ("German") or a two-letter code ("de")."""
+    name = language.strip()
+    if not name:
+        from .errors import UsageError
+
+        raise UsageError("--to needs a language, e.g. --to German")
+    name = LANGUAGE_NAMES.get(name.lower(), name[:1].upper() + name[1:])
+    return TASK_INSTRUCTIONS["translate"].format(language=name)

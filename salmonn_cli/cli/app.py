@@ -41,11 +41,25 @@ def root(
     """Local, offline audio understanding with the SALMONN audio LLM."""
 
 
+def _register_commands() -> None:
+    from . import chat, info, tasks
+
+    tasks.register(app)
+    chat.register(app)
+    info.register(app)
+
+
+_register_commands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app and turn our errors into one line and an exit code."""
     debug = os.environ.get("SALMONN_DEBUG") == "1"
     try:
-        app(args=argv, prog_name="salmonn", standalone_mode=False)
+        # outside standalone mode the parser returns a command's typer.Exit code instead of raising it
+        code = app(args=argv, prog_name="salmonn", standalone_mode=False)
+        if isinstance(code, int):
+            return code
     except SalmonnError as exc:
         if debug:
             raise

@@ -1,0 +1,129 @@
+"""Option types shared by the commands (typer `Annotated` aliases) and the settings they add up to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+MODEL_PANEL = "Model"
+DECODE_PANEL = "Decoding"
+OUTPUT_PANEL = "Output"
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help="salmonn-13b, salmonn-7b, or a model .toml file.", rich_help_panel=MODEL_PANEL),
+]
+WhisperOpt = Annotated[
+    Optional[Path], typer.Option(help="Whisper folder (overrides the model's).", rich_help_panel=MODEL_PANEL)
+]
+BeatsOpt = Annotated[
+    Optional[Path], typer.Option(help="BEATs .pt file (overrides the model's).", rich_help_panel=MODEL_PANEL)
+]
+LlmOpt = Annotated[
+    Optional[Path], typer.Option(help="LLaMA/Vicuna folder (overrides the model's).", rich_help_panel=MODEL_PANEL)
+]
+CheckpointOpt = Annotated[
+    Optional[Path], typer.Option(help="SALMONN .pth checkpoint (overrides the model's).", rich_help_panel=MODEL_PANEL)
+]
+QuantOpt = Annotated[
+    str,
+    typer.Option(
+        "--quant", "-q", help="LLM weights: auto, 4bit, 8bit or none (encoders stay fp16).", rich_help_panel=MODEL_PANEL
+    ),
+]
+QuantBackendOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto (bitsandbytes on CUDA, optimum-quanto on CPU/MPS), bitsandbytes or quanto.",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", "-d", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL_PANEL)
+]
+OfflineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--offline",
+        help="Never touch the network; use only the cache (also HF_HUB_OFFLINE=1).",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+LoraScaleOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        help="LoRA scaling for this run (trained: 4.0; ~2.0 wakes story-telling, QA and translation; 0 = off).",
+        rich_help_panel=DECODE_PANEL,
+    ),
+]
+BeamsOpt = Annotated[int, typer.Option("--beams", min=1, help="Beam width.", rich_help_panel=DECODE_PANEL)]
+MaxTokensOpt = Annotated[
+    int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.", rich_help_panel=DECODE_PANEL)
+]
+TemperatureOpt = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        help="0 = deterministic (the original's); > 0 samples at this temperature.",
+        rich_help_panel=DECODE_PANEL,
+    ),
+]
+TopPOpt = Annotated[
+    float,
+    typer.Option(
+        min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0).", rich_help_panel=DECODE_PANEL
+    ),
+]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (for sampling).", rich_help_panel=DECODE_PANEL)]
+FormatOpt = Annotated[
+    str,
+    typer.Option("--format", "-f", help="text, or json (one object per input per line).", rich_help_panel=OUTPUT_PANEL),
+]
+InstructionOpt = Annotated[
+    Optional[str], typer.Option(help="Use this instruction instead of the task's own.", rich_help_panel=DECODE_PANEL)
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Run the model even on silent audio.", rich_help_panel=DECODE_PANEL)
+]
+FilesArg = Annotated[list[Path], typer.Argument(help="Audio files (wav, flac, ogg, mp3, ...).", show_default=False)]
+FileArg = Annotated[Path, typer.Argument(help="Audio file.", show_default=False)]
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model to load and how."""
+
+    model: str = "salmonn-13b"
+    whisper: Path | None = None
+    beats: Path | None = None
+    llm: Path | None = None
+    checkpoint: Path | None = None
+    quant: str = "auto"
+    quant_backend: str = "auto"
+    device: str = "auto"
+    offline: bool = False
+
+
+@dataclass(frozen=True)
+class DecodeChoice:
+    """How to decode, as the user asked."""
+
+    beams: int = 4
+    max_new_tokens: int = 200
+    temperature: float = 0.0
+    top_p: float = 0.9
+    seed: int | None = None
+    lora_scale: float | None = None
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for `SalmonnModel.generate`/`DecodeOptions`."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "num_beams": self.beams,
+            "do_sample": self.temperature > 0,
+            "temperature": self.temperature if self.temperature > 0 else 1.0,
+            "top_p": self.top_p,
+        }

@@ -1,0 +1,61 @@
+"""`--quant` / `--quant-backend` -> the QuantSpec to load with (`auto` decides from the memory there is)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class QuantChoice:
+    """The quantisation chosen for a run and the backend that will apply it."""
+
+    spec: object  # quantize.QuantSpec
+    backend: str
+
+    def describe(self) -> str:
+        if not self.spec.enabled:
+            return "none"
+        return f"{self.spec.mode} ({self.backend})"
+
+
+def pick_quantization(quant: str, backend: str, spec, device) -> QuantChoice:
+    """Resolve `auto` from free GPU memory (CUDA) or host memory (CPU) and the model's size; validate the rest."""
+    from quantize import MODES, QuantizationError, QuantSpec
+
+    if quant != "auto" and quant not in MODES:
+        raise UsageError(f"--quant must be auto, {', '.join(MODES)}; got {quant!r}")
+    mode = _auto_mode(spec, device) if quant == "auto" else quant
+    try:
+        chosen = QuantSpec.parse(mode, backend=backend)
+    except QuantizationError as exc:
+        raise UsageError(str(exc)) from None
+    return QuantChoice(chosen, chosen.backend_for(device.type))
+
+
+def _auto_mode(spec, device) -> str:
+    from quantize.memory import choose_cpu_mode, choose_mode
+
+    sizes = spec.sizes
+    encoders = sizes.whisper_encoder_params + sizes.beats_params + sizes.connector_params
+    if device.type == "cuda":
+        import torch
+
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        return choose_mode(free_bytes, sizes.llm_params, encoders)
+    return choose_cpu_mode(_available_host_bytes(), sizes.llm_params, encoders)
+
+
+def _available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); elsewhere the total physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

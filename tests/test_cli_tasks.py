@@ -1,0 +1,186 @@
+"""Every task command through the real `salmonn` entry point, on tiny components (no network, no GPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import salmonn_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--device", "cpu", "--quant", "none", "--beams", "1", "--max-new-tokens", "4"]
+
+
+def salmonn(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    exe = shutil.which("salmonn")
+    assert exe, "the salmonn console script is not installed (pip install -e .)"
+    return subprocess.run([exe, *args], capture_output=True, text=True, input=stdin, timeout=300, env=env)
+
+
+def json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out)], check=True, capture_output=True
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("clips")
+    t = np.arange(32_000) / 16_000
+    sounds = {
+        "tone": 0.3 * np.sin(2 * np.pi * 440 * t),
+        "chirp": 0.3 * np.sin(2 * np.pi * (200 + 800 * t) * t),
+        "silence": np.zeros(24_000),
+    }
+    paths = {}
+    for name, wave in sounds.items():
+        paths[name] = folder / f"{name}.wav"
+        sf.write(paths[name], wave.astype(np.float32), 16_000)
+    return paths
+
+
+def model_args(tiny: Path) -> list[str]:
+    return ["--model", str(tiny / "model.toml"), *FAST]
+
+
+@lru_cache(maxsize=1)
+def api_model(tiny: Path):
+    """The same model through the Python API, with the settings of the tiny model file."""
+    from salmonn_cli.model_file import load_model_spec
+
+    settings = load_model_spec(str(tiny / "model.toml")).settings
+    return salmonn_cli.load_model(
+        tiny / "whisper",
+        tiny / "beats.pt",
+        tiny / "llm",
+        tiny / "salmonn.pth",
+        qformer_heads=settings.qformer_heads,
+        lora_scale=settings.lora_scale,
+    )
+
+
+def api_answer(tiny: Path, clip: Path, instruction: str, lora_scale: float | None = None) -> str:
+    model = api_model(tiny)
+    result = model.generate(
+        salmonn_cli.load_audio(clip), instruction, max_new_tokens=4, num_beams=1, lora_scale=lora_scale
+    )
+    return result.text.strip()
+
+
+def test_ask_json_record_matches_the_python_api(tiny, clips):
+    run = salmonn("ask", str(clips["tone"]), "What do you hear?", *model_args(tiny), "-f", "json")
+    assert run.returncode == 0, run.stderr
+    [record] = json_lines(run.stdout)
+    assert record["task"] == "ask" and record["instruction"] == "What do you hear?"
+    assert record["file"] == str(clips["tone"]) and record["audio_seconds"] == pytest.approx(2.0)
+    assert record["quantization"] == "none" and record["lora_scale"] == 4.0
+    assert record["decode"]["num_beams"] == 1 and record["decode"]["max_new_tokens"] == 4
+    assert 1 <= record["token_count"] <= 4 and record["timings"]["total_s"] > 0
+    assert record["model"] and record["checkpoint"] == "salmonn.pth"
+    assert record["text"] == api_answer(tiny, clips["tone"], "What do you hear?")
+
+
+def test_transcribe_text_output(tiny, clips):
+    run = salmonn("transcribe", str(clips["tone"]), *model_args(tiny))
+    assert run.returncode == 0, run.stderr
+    expected = api_answer(tiny, clips["tone"], "Recognize the speech and give me the transcription.")
+    assert run.stdout.strip() == expected
+
+
+@pytest.mark.parametrize(
+    "args, instruction",
+    [
+        (["transcribe", "--lang", "de"], "Hören Sie sich die Rede an und schreiben Sie ihren Inhalt auf."),
+        (["translate", "--to", "ja"], "Listen to the speech and translate it into Japanese."),
+        (["translate", "--to", "Klingon"], "Listen to the speech and translate it into Klingon."),
+        (["caption"], "Please describe the audio."),
+        (["caption", "--music"], "Listen to this music clip and describe the music."),
+        (["transcribe", "--instruction", "  Count the beeps. "], "Count the beeps."),
+    ],
+)
+def test_task_instructions(tiny, clips, args, instruction):
+    run = salmonn(*args, str(clips["chirp"]), *model_args(tiny), "-f", "json")
+    assert run.returncode == 0, run.stderr
+    assert json_lines(run.stdout)[0]["instruction"] == instruction
+
+
+def test_story_uses_lora_scale_two_unless_told(tiny, clips):
+    run = salmonn("story", str(clips["tone"]), *model_args(tiny), "-f", "json")
+    assert run.returncode == 0, run.stderr
+    record = json_lines(run.stdout)[0]
+    assert record["lora_scale"] == 2.0 and record["task"] == "story"
+    assert record["text"] == api_answer(tiny, clips["tone"], record["instruction"], lora_scale=2.0)
+    told = salmonn("story", str(clips["tone"]), *model_args(tiny), "--lora-scale", "0", "-f", "json")
+    assert json_lines(told.stdout)[0]["lora_scale"] == 0.0
+
+
+def test_many_files_go_on_after_a_failure(tiny, clips, tmp_path):
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF....WAVEfmt not really")
+    run = salmonn("caption", str(clips["tone"]), str(corrupt), str(clips["chirp"]), *model_args(tiny), "-f", "json")
+    assert run.returncode == 3
+    assert [r["file"] for r in json_lines(run.stdout)] == [str(clips["tone"]), str(clips["chirp"])]
+    assert "cannot read audio file" in run.stderr and "1 of 3 inputs failed" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_silence_is_reported_not_answered(tiny, clips):
+    run = salmonn("caption", str(clips["silence"]), *model_args(tiny), "-f", "json")
+    assert run.returncode == 0, run.stderr
+    record = json_lines(run.stdout)[0]
+    assert record["skipped"] == "silence" and record["text"] == "" and record["token_count"] == 0
+    assert "no audible content" in run.stderr
+    forced = salmonn("caption", str(clips["silence"]), *model_args(tiny), "--force", "-f", "json")
+    assert json_lines(forced.stdout)[0]["skipped"] is None and json_lines(forced.stdout)[0]["token_count"] >= 1
+
+
+def test_chat_reuses_audio_and_switches_files(tiny, clips):
+    script = f"What is this?\n/file {clips['chirp']}\nAnd now?\n/file /nonexistent.wav\n/quit\nnot reached\n"
+    run = salmonn("chat", str(clips["tone"]), *model_args(tiny), stdin=script)
+    assert run.returncode == 0, run.stderr
+    answers = run.stdout.splitlines()
+    assert answers == [api_answer(tiny, clips["tone"], "What is this?"), api_answer(tiny, clips["chirp"], "And now?")]
+    assert "audio file not found" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["ask", "{tone}", "hi", "-f", "yaml"], 2, "--format must be one of"),
+        (["transcribe", "{tone}", "--lang", "xx"], 2, "no transcription prompt for language 'xx'"),
+        (["ask", "/no/such.wav", "hi"], 3, "audio file not found"),
+        (["ask", "{tone}", "hi", "--model", "/no/such/model.toml"], 2, "model"),
+        (["ask", "{tone}", "hi", "--device", "cuda"], 5, "no usable CUDA GPU"),
+        (["ask", "{tone}", "hi", "--quant", "3bit"], 2, "--quant must be"),
+    ],
+)
+def test_user_errors_are_one_line_with_their_exit_code(tiny, clips, args, code, message):
+    args = [a.format(tone=clips["tone"]) for a in args]
+    if "--model" not in args:
+        args += ["--model", str(tiny / "model.toml")]
+    run = salmonn(*args)
+    assert run.returncode == code, run.stderr
+    assert message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_corrupt_checkpoint_exits_4(tiny, clips, tmp_path):
+    bad = tmp_path / "salmonn.pth"
+    bad.write_bytes(b"not a checkpoint")
+    run = salmonn("ask", str(clips["tone"]), "hi", *model_args(tiny), "--checkpoint", str(bad))
+    assert run.returncode == 4
+    assert "not a PyTorch checkpoint" in run.stderr and "Traceback" not in run.stderr
