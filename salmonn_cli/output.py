@@ -25,6 +25,7 @@ class Record:
     timings: dict[str, float]
     token_count: int
     skipped: str | None = None  # why the model was not run (e.g. "silence"), None when it was
+    checkpoint_sha256: str | None = None  # from the model file, when the checkpoint came from a known source
     extra: dict[str, Any] = field(default_factory=dict)
 
 

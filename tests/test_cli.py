@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ["torch", "transformers", "peft", "bitsandbytes", "sounddevice", "numpy", "soundfile"]
 
 
@@ -16,11 +18,15 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
 
 
-def test_help_imports_nothing_heavy():
+COMMANDS = ["ask", "transcribe", "translate", "caption", "story", "chat", "download", "models", "doctor"]
+
+
+@pytest.mark.parametrize("args", [["--help"], *[[command, "--help"] for command in COMMANDS]], ids=lambda a: a[0])
+def test_help_imports_nothing_heavy(args):
     probe = (
         "import sys, json\n"
         "from salmonn_cli.cli.app import main\n"
-        "code = main(['--help'])\n"
+        f"code = main({args!r})\n"
         f"print(json.dumps({{'code': code, 'loaded': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)

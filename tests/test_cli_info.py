@@ -128,7 +128,9 @@ def test_download_then_offline_ask_from_the_cache(hub_model, clip, tmp_path):
             hf_home=home,
         )
         assert asked.returncode == 0, asked.stderr
-        assert json.loads(asked.stdout)["model"] == "tiny-hub"
+        record = json.loads(asked.stdout)
+        assert record["model"] == "tiny-hub"
+        assert record["checkpoint_sha256"] == hashlib.sha256(Path(paths["checkpoint"]).read_bytes()).hexdigest()
         assert len(hub.requests) == seen  # offline: not one request
 
 

@@ -91,7 +91,7 @@ def test_ask_json_record_matches_the_python_api(tiny, clips):
     assert record["quantization"] == "none" and record["lora_scale"] == 4.0
     assert record["decode"]["num_beams"] == 1 and record["decode"]["max_new_tokens"] == 4
     assert 1 <= record["token_count"] <= 4 and record["timings"]["total_s"] > 0
-    assert record["model"] and record["checkpoint"] == "salmonn.pth"
+    assert record["model"] and record["checkpoint"] == "salmonn.pth" and record["checkpoint_sha256"] is None
     assert record["text"] == api_answer(tiny, clips["tone"], "What do you hear?")
 
 
@@ -184,3 +184,48 @@ def test_corrupt_checkpoint_exits_4(tiny, clips, tmp_path):
     run = salmonn("ask", str(clips["tone"]), "hi", *model_args(tiny), "--checkpoint", str(bad))
     assert run.returncode == 4
     assert "not a PyTorch checkpoint" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_ctrl_c_exits_130_without_a_traceback(tiny, clips):
+    """SIGINT to the real process while it waits for a chat question (the model is loaded by then)."""
+    import signal
+
+    proc = subprocess.Popen(
+        [shutil.which("salmonn"), "chat", str(clips["tone"]), *model_args(tiny)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen = []
+        for line in proc.stderr:  # bounded: the process prints "Loaded ..." once, or ends
+            seen.append(line)
+            if line.startswith("Loaded"):
+                break
+        assert seen and seen[-1].startswith("Loaded"), "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in rest and "interrupted" in rest
+
+
+def test_out_of_gpu_memory_is_exit_6_with_a_hint():
+    import torch
+
+    from salmonn_cli.cli.options import DecodeChoice
+    from salmonn_cli.cli.runner import LoadedModel, _generate
+    from salmonn_cli.errors import OutOfMemoryError
+
+    class OutOfMemoryModel:
+        device = torch.device("cpu")
+
+        def generate(self, *args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    loaded = LoadedModel(OutOfMemoryModel(), "salmonn-13b", "salmonn_v1.pth", "none", "cuda:0")
+    with pytest.raises(OutOfMemoryError, match="--quant 4bit") as err:
+        _generate(loaded, np.zeros(16_000, np.float32), "hi", DecodeChoice(), None)
+    assert err.value.exit_code == 6

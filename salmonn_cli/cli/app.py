@@ -16,6 +16,7 @@ from .. import __version__
 from ..errors import SalmonnError
 
 EXIT_INTERRUPTED = 130
+EXIT_OUT_OF_MEMORY = 6  # as errors.OutOfMemoryError
 
 app = typer.Typer(
     name="salmonn",
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # outside standalone mode the parser returns a command's typer.Exit code instead of raising it
         code = app(args=argv, prog_name="salmonn", standalone_mode=False)
+        if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C in a command into a silent Exit(130)
+            print("salmonn: interrupted", file=sys.stderr)
         if isinstance(code, int):
             return code
     except SalmonnError as exc:
@@ -65,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"salmonn: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except MemoryError:
+        if debug:
+            raise
+        print(
+            "salmonn: error: out of memory (host RAM): try --quant 8bit or 4bit, or --model salmonn-7b", file=sys.stderr
+        )
+        return EXIT_OUT_OF_MEMORY
     except KeyboardInterrupt:
         if debug:
             raise
@@ -72,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort:
+    except typer.Abort:  # the parser turns Ctrl-C inside a command into Abort
+        print("salmonn: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except typer.TyperException as exc:  # usage errors from the command-line parser: they print themselves
         exc.show()

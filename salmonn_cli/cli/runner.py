@@ -35,6 +35,7 @@ class LoadedModel:
     checkpoint: str
     quantization: str
     device: str
+    checkpoint_sha256: str | None = None
 
 
 def warn(message: str) -> None:
@@ -83,7 +84,8 @@ def open_model(choice: ModelChoice) -> LoadedModel:
             prompt_template=spec.settings.prompt_template,
         )
     stderr.print(f"[dim]Loaded {spec.name} in {time.perf_counter() - started:.1f} s[/]")
-    return LoadedModel(model, spec.name, Path(paths.checkpoint).name, quant.describe(), str(device))
+    known_sha = None if spec.checkpoint.path else next((s.sha256 for s in spec.checkpoint.sources if s.sha256), None)
+    return LoadedModel(model, spec.name, Path(paths.checkpoint).name, quant.describe(), str(device), known_sha)
 
 
 def run_task(loaded: LoadedModel, task: Task, files: list[Path], decode: DecodeChoice, fmt: str, force: bool) -> int:
@@ -123,6 +125,7 @@ def answer_file(loaded: LoadedModel, task: Task, path: Path, decode: DecodeChoic
         lora_scale=effective_scale,
         decode=decode.generate_kwargs(),
         audio_seconds=round(seconds, 3),
+        checkpoint_sha256=loaded.checkpoint_sha256,
     )
     if not force and is_silent(waveform):
         warn(f"{path}: no audible content (silence); nothing to answer. Use --force to run the model anyway")
