@@ -1,4 +1,4 @@
-"""Audio in: any file soundfile reads, any rate, any channel count -> 16 kHz mono float32.
+"""Audio in: any file soundfile or PyAV reads, any rate, any channel count -> 16 kHz mono float32.
 
 Constants carry their units in their names. The model sees at most one window of audio; cutting longer
 audio into windows is the caller's business (see `model_window`).
@@ -17,28 +17,146 @@ MIN_SAMPLES = int(MIN_SECONDS * SAMPLE_RATE)
 WINDOW_SAMPLES = int(WINDOW_SECONDS * SAMPLE_RATE)
 
 
+# Containers and codecs libsndfile never reads: go straight to PyAV (soundfile would only fail slowly).
+PYAV_SUFFIXES = frozenset(
+    {".m4a", ".mp4", ".m4b", ".aac", ".webm", ".mkv", ".mka", ".mov", ".opus", ".wma", ".3gp", ".amr", ".ac3"}
+)
+
+
 def load_audio(path: str | Path) -> np.ndarray:
     """Read an audio file and return it as a 1-D float32 array at 16 kHz, channels averaged to mono.
 
-    Any format soundfile reads (wav, flac, ogg, mp3, ...) at any sample rate; resampling uses soxr (HQ).
-    Raises AudioError for a missing, unreadable or empty file.
+    soundfile first (wav, flac, ogg, mp3, ...); what it cannot read (m4a, mp4, aac, webm, mkv, opus, ...) is
+    decoded with PyAV, an optional extra. Resampling uses soxr (HQ) in both cases.
+    Raises AudioError for a missing, unreadable or empty file, DependencyError when PyAV is needed but missing.
     """
+    from .errors import AudioError
+
+    path = Path(path)
+    if not path.exists() or path.is_dir():  # not is_file(): named pipes and /dev/fd/N streams are welcome
+        raise AudioError(f"audio file not found: {path}")
+    if path.suffix.lower() in PYAV_SUFFIXES:
+        samples, rate = _read_pyav(path)
+    else:
+        try:
+            samples, rate = _read_soundfile(path)
+        except AudioError:
+            if not _has_pyav():
+                raise
+            try:  # e.g. opus in ogg with an old libsndfile, or an mp4 named .ogg
+                samples, rate = _read_pyav(path)
+            except AudioError:
+                raise AudioError(f"cannot read audio file {path}: {_soundfile_reason(path)}") from None
+    if samples.shape[0] == 0:
+        raise AudioError(f"audio file has no samples: {path}")
+    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    return resample(mono, rate)
+
+
+def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
+    """(samples (T, channels) float32, rate Hz) via soundfile; AudioError when libsndfile cannot read it."""
     import soundfile as sf
 
     from .errors import AudioError
 
-    path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"audio file not found: {path}")
     try:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, channels)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         reason = " ".join(str(exc).split())  # libsndfile's messages span lines; ours are one line
         raise AudioError(f"cannot read audio file {path}: {reason}") from None
-    if samples.shape[0] == 0:
-        raise AudioError(f"audio file has no samples: {path}")
-    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
-    return resample(mono, rate)
+    return samples, rate
+
+
+def _soundfile_reason(path: Path) -> str:
+    """libsndfile's one-line reason for not reading `path` (the clearer message when PyAV fails too)."""
+    from .errors import AudioError
+
+    try:
+        _read_soundfile(path)
+    except AudioError as exc:
+        return str(exc).split(": ", 1)[-1]
+    return "unknown error"
+
+
+def _has_pyav() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_av(path: Path):
+    """The av module, or a one-sentence DependencyError naming the file type and what to install."""
+    try:
+        import av
+    except ImportError:
+        from .errors import DependencyError
+
+        kind = f"{path.suffix.lower()} files" if path.suffix else f"{path.name}"
+        raise DependencyError(f"reading {kind} needs PyAV: pip install av") from None
+    return av
+
+
+def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
+    """(samples (T, channels) float32, rate Hz) of the first audio stream, decoded with PyAV (FFmpeg).
+
+    Only the sample format is converted here (to planar float); channels are averaged and the rate changed by
+    the caller, exactly as for soundfile, so both paths give the same result for the same audio.
+    """
+    av = _import_av(path)
+    from .errors import AudioError
+
+    chunks: list[np.ndarray] = []  # each (channels, n)
+    rate = 0
+    try:
+        with av.open(str(path)) as container:
+            streams = [s for s in container.streams if s.type == "audio"]
+            if not streams:
+                raise AudioError(f"cannot read audio file {path}: it has no audio stream")
+            converter = av.AudioResampler(format="fltp")  # layout and rate: those of the first frame
+            for frame in container.decode(streams[0]):
+                for out in converter.resample(frame):
+                    rate = out.sample_rate
+                    chunks.append(out.to_ndarray())
+            chunks += [out.to_ndarray() for out in converter.resample(None)]  # flush
+    except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
+        raise AudioError(f"cannot read audio file {path}: {_av_reason(exc)}") from None
+    if not chunks:
+        return np.zeros((0, 1), np.float32), rate or SAMPLE_RATE
+    return np.ascontiguousarray(np.concatenate(chunks, axis=1).T, dtype=np.float32), rate  # (T, channels)
+
+
+def duration_seconds(path: str | Path) -> float | None:
+    """The length of an audio file in seconds from its header (cheap: nothing decoded); None if unknown.
+
+    For progress and ETA only: compressed formats may differ from the decoded length by codec padding.
+    """
+    from .errors import AudioError
+
+    path = Path(path)
+    if not path.exists() or path.is_dir():  # not is_file(): named pipes and /dev/fd/N streams are welcome
+        raise AudioError(f"audio file not found: {path}")
+    if path.suffix.lower() not in PYAV_SUFFIXES:
+        import soundfile as sf
+
+        try:
+            info = sf.info(str(path))
+            return info.frames / info.samplerate if info.samplerate else None
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+            if not _has_pyav():
+                raise AudioError(f"cannot read audio file {path}: {_soundfile_reason(path)}") from None
+    av = _import_av(path)
+    try:
+        with av.open(str(path)) as container:
+            return None if container.duration is None else container.duration / av.time_base
+    except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
+        raise AudioError(f"cannot read audio file {path}: {_av_reason(exc)}") from None
+
+
+def _av_reason(exc: Exception) -> str:
+    """FFmpeg's message without its errno and the repeated file name: "Invalid data found when processing input"."""
+    return " ".join(str(getattr(exc, "strerror", None) or exc).split())
 
 
 def resample(waveform: np.ndarray, rate: int) -> np.ndarray:

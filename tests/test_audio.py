@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import fractions
+import sys
+
+import av
 import numpy as np
 import pytest
 import soundfile as sf
 
-from salmonn_cli.audio import MIN_SAMPLES, SAMPLE_RATE, WINDOW_SAMPLES, load_audio, model_window
-from salmonn_cli.errors import AudioError
+from salmonn_cli.audio import MIN_SAMPLES, SAMPLE_RATE, WINDOW_SAMPLES, duration_seconds, load_audio, model_window
+from salmonn_cli.errors import AudioError, DependencyError
 
 from .reference import case_paths, load_case
 
@@ -80,3 +84,71 @@ def test_empty_file(tmp_path):
     sf.write(path, np.zeros(0, np.float32), 16_000)
     with pytest.raises(AudioError, match="no samples"):
         load_audio(path)
+
+
+def encode_with_pyav(path, codec: str, seconds: float = 2.0, freq: float = 440.0, rate: int = 48_000) -> None:
+    """A stereo sine encoded by FFmpeg through PyAV (the container comes from the suffix)."""
+    wave = sine(seconds, rate, freq)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate, layout="stereo")
+        for i in range(0, wave.shape[0], 1000):
+            planes = np.ascontiguousarray(np.stack([wave[i : i + 1000]] * 2))  # (channels, n) planar float
+            frame = av.AudioFrame.from_ndarray(planes, format="fltp", layout="stereo")
+            frame.sample_rate, frame.pts, frame.time_base = rate, i, fractions.Fraction(1, rate)
+            container.mux(stream.encode(frame))  # PyAV converts to the codec's sample format and frame size
+        container.mux(stream.encode(None))
+
+
+@pytest.mark.parametrize("name, codec", [("clip.m4a", "aac"), ("clip.webm", "libopus"), ("clip.ogg", "libopus")])
+def test_pyav_formats_decode_to_16k_float32(tmp_path, name, codec):
+    path = tmp_path / name
+    encode_with_pyav(path, codec, freq=440.0)
+    audio = load_audio(path)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(audio.shape[0] - 2 * SAMPLE_RATE) <= 0.05 * SAMPLE_RATE  # codec priming/padding only
+    peak_hz = np.argmax(np.abs(np.fft.rfft(audio))) * SAMPLE_RATE / audio.shape[0]
+    assert peak_hz == pytest.approx(440.0, abs=2.0)
+    assert 0.4 < np.abs(audio).max() < 0.6  # channels averaged, not summed
+    assert duration_seconds(path) == pytest.approx(2.0, abs=0.05)
+
+
+def test_without_pyav_an_m4a_says_what_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "talk.m4a"
+    encode_with_pyav(path, "aac")
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    with pytest.raises(DependencyError) as err:
+        load_audio(path)
+    assert str(err.value) == "reading .m4a files needs PyAV: pip install av" and err.value.exit_code == 5
+    unreadable = tmp_path / "notes.wav"
+    unreadable.write_text("this is not audio")
+    with pytest.raises(AudioError, match="cannot read audio file"):  # not a PyAV matter: still exit 3
+        load_audio(unreadable)
+
+
+def test_soundfile_failures_fall_back_to_pyav(tmp_path):
+    path = tmp_path / "clip.m4a"
+    encode_with_pyav(path, "aac", freq=1000.0)
+    renamed = path.rename(tmp_path / "clip.audio")  # a suffix that says nothing: soundfile is tried first
+    audio = load_audio(renamed)
+    assert abs(audio.shape[0] - 2 * SAMPLE_RATE) <= 0.05 * SAMPLE_RATE
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_m4a(tmp_path, damage):
+    path = tmp_path / "broken.m4a"
+    if damage == "garbage":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    else:
+        encode_with_pyav(path, "aac")
+        path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(AudioError, match="cannot read audio file .*broken.m4a") as err:
+        load_audio(path)
+    assert err.value.exit_code == 3
+
+
+def test_duration_from_the_header(tmp_path):
+    path = tmp_path / "clip.flac"
+    sf.write(path, sine(3.0, 22_050), 22_050)
+    assert duration_seconds(path) == pytest.approx(3.0)
+    with pytest.raises(AudioError, match="not found"):
+        duration_seconds(tmp_path / "nope.wav")
