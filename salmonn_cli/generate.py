@@ -7,6 +7,9 @@ length normalisation. Current transformers starts from an empty id tensor and it
 normalises and early-stops differently, so its ids differ. This module re-implements 4.28's `greedy_search`,
 `sample`, `beam_search` and `beam_sample` on top of the real parts: the causal LM's forward with its KV cache
 and transformers' own logits processors, applied to an id tensor that includes the placeholder.
+
+`decode_batch` runs B prompts of one length together (segments of a long file share the prompt and have the
+same number of audio tokens); every row gets the semantics it would get alone. Beam search lives in beam.py.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .beam import beam_decode
 from .errors import UsageError
 
 
@@ -72,7 +76,7 @@ class DecodeOutput:
     `token_ids`: the new ids without the bos placeholder, ending with eos when generation ended with eos.
     `sequence_score`: beam search only: the winning hypothesis' normalised score (HF `sequences_scores`).
     `step_scores`: without beams: float32 (n, V), the scores 4.28 returned per step (after processors and,
-    when sampling, warpers).
+    when sampling, warpers); None when `decode_batch` was asked not to keep them.
     """
 
     token_ids: tuple[int, ...]
@@ -127,27 +131,31 @@ def build_logits_warpers(options: DecodeOptions):
 
 
 class _Stepper:
-    """Feeds the LM as 4.28 did: the embeddings once (never the placeholder), then one id per row + KV cache."""
+    """Feeds the LM as 4.28 did: the embeddings once (never the placeholder), then one id per row + KV cache.
+
+    Every prompt of a batch has the same length N, so no row needs padding or a masked position.
+    """
 
     def __init__(self, lm: Any, inputs_embeds: torch.Tensor) -> None:
         self.lm = lm
         self.embeds = inputs_embeds
+        self.batch = inputs_embeds.shape[0]
         self.next_position = inputs_embeds.shape[1]  # first generated id sits at position N
         self.cache: Any = None
 
-    def prefill(self, rows: int) -> torch.Tensor:
-        """Last-position logits of the prompt, repeated for `rows` rows (beams share one prompt pass)."""
-        n, device = self.embeds.shape[1], self.embeds.device
+    def prefill(self, beams: int) -> torch.Tensor:
+        """Last-position logits of every prompt, each repeated `beams` times (beams share one prompt pass)."""
+        batch, n, device = self.batch, self.embeds.shape[1], self.embeds.device
         out = self.lm(
             inputs_embeds=self.embeds,
-            attention_mask=torch.ones((1, n), dtype=torch.long, device=device),
-            position_ids=torch.arange(n, device=device)[None],
+            attention_mask=torch.ones((batch, n), dtype=torch.long, device=device),
+            position_ids=torch.arange(n, device=device)[None].expand(batch, -1),
             use_cache=True,
         )
         self.cache = out.past_key_values
-        if rows > 1:
-            self.cache.batch_repeat_interleave(rows)
-        return out.logits[:, -1, :].expand(rows, -1).clone()
+        if beams > 1:
+            self.cache.batch_repeat_interleave(beams)
+        return out.logits[:, -1, :].repeat_interleave(beams, dim=0)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits after feeding one id per row (`tokens` (rows,)) at the next position."""
@@ -167,9 +175,17 @@ class _Stepper:
         self.cache.reorder_cache(beam_idx)
 
 
-def _greedy_or_sample(stepper, options, processors, warpers, max_length, eos, bos, generator) -> DecodeOutput:
-    """4.28 `greedy_search` / `sample` for one row: stop at eos or when ids (placeholder included) hit max_length."""
-    ids = torch.full((1, 1), bos, dtype=torch.long, device=stepper.embeds.device)
+def _greedy_or_sample(stepper, options, processors, warpers, limits, generator, keep_scores) -> list[DecodeOutput]:
+    """4.28 `greedy_search` / `sample`: a row stops at eos, or all stop when ids (placeholder included) hit max_length.
+
+    As in 4.28, a row that produced eos is fed pad from then on and its later steps are ignored; the loop ends
+    when every row has finished (4.28's `unfinished_sequences`) or at max_length.
+    """
+    max_length, eos, bos, pad = limits
+    batch, device = stepper.batch, stepper.embeds.device
+    ids = torch.full((batch, 1), bos, dtype=torch.long, device=device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    generated = torch.zeros(batch, dtype=torch.long, device=device)  # ids per row up to and including its eos
     logits = stepper.prefill(1)
     step_scores = []
     while True:
@@ -177,138 +193,60 @@ def _greedy_or_sample(stepper, options, processors, warpers, max_length, eos, bo
         if options.do_sample:
             scores = warpers(ids, scores)
             probs = torch.softmax(scores, dim=-1)
+            # one draw per row, in row order, from the one generator (as 4.28's batched multinomial)
             next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
         else:
             next_tokens = torch.argmax(scores, dim=-1)
-        step_scores.append(scores[0].float().cpu().numpy())
+        if keep_scores:
+            step_scores.append(scores.float().cpu())
+        next_tokens = torch.where(unfinished, next_tokens, pad)
         ids = torch.cat([ids, next_tokens[:, None]], dim=-1)
-        # SALMONN's stopping criterion (last id of row 0 is eos) and 4.28's MaxLengthCriteria
-        if next_tokens[0].item() == eos or ids.shape[-1] >= max_length:
+        generated += unfinished
+        unfinished &= next_tokens != eos
+        # SALMONN's stop-at-eos criterion (each row as if alone) and 4.28's MaxLengthCriteria
+        if not unfinished.any() or ids.shape[-1] >= max_length:
             break
         logits = stepper.step(next_tokens)
-    return DecodeOutput(token_ids=tuple(ids[0, 1:].tolist()), step_scores=np.stack(step_scores))
+    counts, rows = generated.tolist(), ids[:, 1:].tolist()
+    table = torch.stack(step_scores, dim=1).numpy() if keep_scores else None  # (batch, steps, V)
+    return [
+        DecodeOutput(token_ids=tuple(row[:n]), step_scores=None if table is None else table[b, :n])
+        for b, (row, n) in enumerate(zip(rows, counts, strict=True))
+    ]
 
 
-class _BeamHypotheses:
-    """4.28 `BeamHypotheses` (early_stopping=False): the best `num_beams` finished hypotheses of one row."""
+def decode_batch(
+    lm: Any,
+    inputs_embeds: torch.Tensor,
+    options: DecodeOptions,
+    *,
+    eos_token_id: int = 2,
+    bos_token_id: int = 1,
+    pad_token_id: int = 0,
+    generator: torch.Generator | None = None,
+    keep_step_scores: bool = True,
+) -> list[DecodeOutput]:
+    """Generate from B prompts of one length, `inputs_embeds` (B, N, D): one `DecodeOutput` per row, in order.
 
-    def __init__(self, num_beams: int, length_penalty: float) -> None:
-        self.num_beams = num_beams
-        self.length_penalty = length_penalty
-        self.beams: list[tuple[float, tuple[int, ...]]] = []
-        self.worst_score = 1e9
-
-    def add(self, hyp: tuple[int, ...], sum_logprobs: float) -> None:
-        # the length includes the bos placeholder (and, for finished hypotheses, excludes the eos)
-        score = sum_logprobs / (len(hyp) ** self.length_penalty)
-        if len(self.beams) < self.num_beams or score > self.worst_score:
-            self.beams.append((score, hyp))
-            if len(self.beams) > self.num_beams:
-                ranked = sorted((s, idx) for idx, (s, _) in enumerate(self.beams))
-                del self.beams[ranked[0][1]]
-                self.worst_score = ranked[1][0]
-            else:
-                self.worst_score = min(score, self.worst_score)
-
-    def is_done(self, best_sum_logprobs: float, cur_len: int) -> bool:
-        # 4.28 heuristic: the best candidate of this step, normalised by the current length
-        if len(self.beams) < self.num_beams:
-            return False
-        return self.worst_score >= best_sum_logprobs / cur_len**self.length_penalty
-
-    def best(self) -> tuple[float, tuple[int, ...]]:
-        # stable sort + pop(): among equal scores the hypothesis added last wins, as in 4.28 `finalize`
-        return sorted(self.beams, key=lambda item: item[0]).pop()
-
-
-class _BeamScorer:
-    """4.28 `BeamSearchScorer.process` / `finalize` for (batch, beams) candidates, one hypothesis returned per row."""
-
-    def __init__(self, batch_size: int, num_beams: int, length_penalty: float) -> None:
-        self.num_beams = num_beams
-        self.hyps = [_BeamHypotheses(num_beams, length_penalty) for _ in range(batch_size)]
-        self.done = [False] * batch_size
-
-    def process(self, ids, next_scores, next_tokens, next_indices, eos: int, pad: int):
-        """Split the 2*beams ranked candidates of each row into finished hypotheses and the next running beams."""
-        batch, k = len(self.hyps), self.num_beams
-        beam_scores = torch.zeros((batch, k), dtype=next_scores.dtype, device=ids.device)
-        beam_tokens = torch.full((batch, k), pad, dtype=next_tokens.dtype, device=ids.device)
-        beam_rows = torch.zeros((batch, k), dtype=next_indices.dtype, device=ids.device)
-        for b, hyps in enumerate(self.hyps):
-            if self.done[b]:
-                continue  # 4.28 pads a finished row: score 0, token pad, source row 0
-            taken = 0
-            for rank, (token, score, source) in enumerate(
-                zip(next_tokens[b].tolist(), next_scores[b].tolist(), next_indices[b].tolist(), strict=True)
-            ):
-                row = b * k + source
-                if token == eos:
-                    if rank >= k:  # an eos outside the top `beams` candidates is dropped
-                        continue
-                    hyps.add(tuple(ids[row].tolist()), score)
-                else:
-                    beam_scores[b, taken], beam_tokens[b, taken], beam_rows[b, taken] = score, token, row
-                    taken += 1
-                if taken == k:
-                    break
-            self.done[b] = self.done[b] or hyps.is_done(next_scores[b].max().item(), ids.shape[-1])
-        return beam_scores.view(-1), beam_tokens.view(-1), beam_rows.view(-1)
-
-    def finalize(self, ids, beam_scores, max_length: int, eos: int) -> list[tuple[float, tuple[int, ...]]]:
-        """Best (score, ids) per row; unfinished rows first admit their running beams with their running score."""
-        results = []
-        for b, hyps in enumerate(self.hyps):
-            if not self.done[b]:
-                for j in range(self.num_beams):
-                    row = b * self.num_beams + j
-                    hyps.add(tuple(ids[row].tolist()), beam_scores[row].item())
-            score, hyp = hyps.best()
-            if len(hyp) < max_length:  # a finished hypothesis gets its eos back
-                hyp = hyp + (eos,)
-            results.append((score, hyp))
-        return results
-
-
-def _beam_candidates(scores, num_beams: int, do_sample: bool, generator):
-    """Top 2*beams candidates of (batch, beams*V) scores: topk (beam_search) or sampled then sorted (beam_sample)."""
-    if not do_sample:
-        return torch.topk(scores, 2 * num_beams, dim=1, largest=True, sorted=True)
-    probs = torch.softmax(scores, dim=-1)
-    tokens = torch.multinomial(probs, num_samples=2 * num_beams, generator=generator)
-    picked = torch.gather(scores, -1, tokens)
-    picked, order = torch.sort(picked, descending=True, dim=1)
-    return picked, torch.gather(tokens, -1, order)
-
-
-def _beam_decode(stepper, options, processors, warpers, max_length, eos, bos, pad, generator) -> DecodeOutput:
-    """4.28 `beam_search` / `beam_sample` for one prompt (batch 1, shaped (batch, beams) throughout)."""
-    batch, k = 1, options.num_beams
-    device = stepper.embeds.device
-    ids = torch.full((batch * k, 1), bos, dtype=torch.long, device=device)
-    beam_scores = torch.zeros((batch, k), dtype=torch.float, device=device)
-    if not options.do_sample:
-        beam_scores[:, 1:] = -1e9  # beam_search only: identical beams must not all pick the same token
-    beam_scores = beam_scores.view(-1)
-    scorer = _BeamScorer(batch, k, options.length_penalty)
-    logits = stepper.prefill(batch * k)
-    while True:
-        scores = processors(ids, torch.log_softmax(logits, dim=-1))
-        scores = scores + beam_scores[:, None].expand_as(scores)
-        if options.do_sample:
-            scores = warpers(ids, scores)  # 4.28 warps after adding the running beam scores
-        vocab = scores.shape[-1]
-        top_scores, top_ids = _beam_candidates(scores.view(batch, k * vocab), k, options.do_sample, generator)
-        sources = torch.div(top_ids, vocab, rounding_mode="floor")
-        beam_scores, tokens, rows = scorer.process(ids, top_scores, top_ids % vocab, sources, eos, pad)
-        ids = torch.cat([ids[rows, :], tokens[:, None]], dim=-1)
-        # running beams never end in eos, so SALMONN's stop-at-eos criterion cannot fire here
-        if all(scorer.done) or ids.shape[-1] >= max_length:
-            break
-        stepper.reorder(rows)
-        logits = stepper.step(tokens)
-    score, hyp = scorer.finalize(ids, beam_scores, max_length, eos)[0]
-    return DecodeOutput(token_ids=tuple(hyp[1:]), sequence_score=float(score))
+    Each row gets exactly the 4.28 semantics it gets alone (`decode`): greedy rows that finished are fed pad and
+    ignored until every row has finished; beam search keeps one hypothesis set and one `done` flag per row.
+    Without sampling row i's ids are those of decoding row i alone (up to the last-bit rounding differences of
+    batched matrix products). With sampling the rows draw one after another from the one `generator`, so a
+    row's ids depend on the whole batch (as in Hugging Face): a seed reproduces a batch, not a row.
+    Unlike SALMONN's own stopping criterion, which looked at row 0 only, no row cuts another short.
+    `keep_step_scores=False` skips the per-step score copies (greedy/sample) that only tests and tools read.
+    """
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] < 1:
+        raise UsageError(f"inputs_embeds must be (B, N, D) with B >= 1, got {tuple(inputs_embeds.shape)}")
+    limits = (1 + options.max_new_tokens, eos_token_id, bos_token_id, pad_token_id)  # 4.28: placeholder + new
+    processors = build_logits_processors(options, eos_token_id, inputs_embeds.device)
+    warpers = build_logits_warpers(options) if options.do_sample else None
+    with torch.inference_mode():
+        stepper = _Stepper(lm, inputs_embeds)
+        if options.num_beams == 1:
+            return _greedy_or_sample(stepper, options, processors, warpers, limits, generator, keep_step_scores)
+        best = beam_decode(stepper, options, processors, warpers, limits, generator)
+    return [DecodeOutput(token_ids=tuple(hyp[1:]), sequence_score=float(score)) for score, hyp in best]
 
 
 def decode(
@@ -326,19 +264,19 @@ def decode(
     `lm` is a Hugging Face causal LM (optionally wrapped by peft). Greedy / sampling for `num_beams == 1`,
     beam search / beam sampling otherwise; `generator` drives every random draw (None: torch's global RNG,
     as in 4.28). The bos placeholder is part of the ids the processors and the beam scorer see, never of the
-    model input.
+    model input. Several prompts at once: `decode_batch`.
     """
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
-        raise UsageError(f"decode takes one prompt: inputs_embeds of shape (1, N, D), got {tuple(inputs_embeds.shape)}")
-    max_length = 1 + options.max_new_tokens  # 4.28: input_ids length (the placeholder) + max_new_tokens
-    processors = build_logits_processors(options, eos_token_id, inputs_embeds.device)
-    warpers = build_logits_warpers(options) if options.do_sample else None
-    with torch.inference_mode():
-        stepper = _Stepper(lm, inputs_embeds)
-        if options.num_beams == 1:
-            return _greedy_or_sample(
-                stepper, options, processors, warpers, max_length, eos_token_id, bos_token_id, generator
-            )
-        return _beam_decode(
-            stepper, options, processors, warpers, max_length, eos_token_id, bos_token_id, pad_token_id, generator
+        raise UsageError(
+            f"decode takes one prompt: inputs_embeds of shape (1, N, D), got {tuple(inputs_embeds.shape)}"
+            " (decode_batch takes several)"
         )
+    return decode_batch(
+        lm,
+        inputs_embeds,
+        options,
+        eos_token_id=eos_token_id,
+        bos_token_id=bos_token_id,
+        pad_token_id=pad_token_id,
+        generator=generator,
+    )[0]

@@ -4,12 +4,17 @@ Flow: waveform -> first 30 s (padded to >= 1 s) -> Whisper log-mel -> Whisper en
                                                 -> BEATs fbank     -> BEATs            (B, Tb, Db)
       -> SpeechConnector (LayerNorms, windows, Q-Former, projection) -> audio tokens (B, L*Q, D)
       -> [bos] + prompt-before + audio tokens + prompt-after -> LLaMA + LoRA.
+
+Batches (`generate_batch`, `audio_tokens_batch`, `answer_batch`) are for the segments of a long file: every
+clip is at most 30 s, so all have the same number of audio tokens and one prompt length, and row i of a batch
+gives what the clip gives alone.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -17,8 +22,9 @@ from torch import nn
 
 from .. import prompt as prompts
 from ..audio import model_window
+from ..errors import UsageError
 from ..features import beats_fbank, whisper_log_mel
-from ..generate import DecodeOptions, GenerationResult, Timings, decode
+from ..generate import DecodeOptions, GenerationResult, Timings, decode, decode_batch
 from ..llm import input_embeddings
 from ..llm import lora_scale as scaled_lora
 from ..tokenizer import TextCodec
@@ -92,6 +98,52 @@ class SalmonnModel(nn.Module):
         speech = self.encode_speech(self.whisper_features(waveform))
         audio = self.encode_audio(self.beats_features(waveform))
         return self.connector(speech, audio)
+
+    @torch.inference_mode()
+    def audio_tokens_batch(self, waveforms: Sequence[np.ndarray]) -> torch.Tensor:
+        """Audio tokens of several clips at once: (B, N, llm_hidden); row i equals `audio_tokens(waveforms[i])`.
+
+        Whisper runs on the stacked log-mels (each is padded to 30 s anyway). BEATs runs on each clip's real
+        length, as the original does: it has no padding mask, so padding would change its output; clips of the
+        same length share one call. The connector then reads every clip's windows in one Q-Former call.
+        """
+        if len(waveforms) == 0:
+            raise UsageError("audio_tokens_batch needs at least one waveform")
+        speech = self.encode_speech(torch.cat([self.whisper_features(w) for w in waveforms]))
+        audio = self._beats_by_length([self.beats_features(w) for w in waveforms])
+        return self._connect_batch(speech, audio)
+
+    def _beats_by_length(self, fbanks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """BEATs output (1, Tb_i, Db) per clip; filter banks of one length are encoded together."""
+        by_length: dict[int, list[int]] = {}
+        for i, fbank in enumerate(fbanks):
+            by_length.setdefault(fbank.shape[1], []).append(i)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(fbanks)
+        for rows in by_length.values():
+            encoded = self.encode_audio(torch.cat([fbanks[i] for i in rows]))
+            for j, i in enumerate(rows):
+                out[i] = encoded[j : j + 1]
+        return out
+
+    def _connect_batch(self, speech: torch.Tensor, audio: list[torch.Tensor]) -> torch.Tensor:
+        """`connector(speech, audio)` for clips whose BEATs lengths differ: (B, N, D).
+
+        `SpeechConnector.fuse` LayerNorms each stream BEFORE zero-padding it, so padded frames are exactly 0;
+        zero-padding BEATs outputs to one length first would LayerNorm the padding into non-zero frames. So each
+        clip is fused on its own (to max(1500, Tb) = 1500 frames for <= 30 s), and the windows, Q-Former and
+        projection of `SpeechConnector.qformer_states` / `forward` run on the stack.
+        """
+        connector = self.connector
+        fused = [connector.fuse(speech[i : i + 1], frames) for i, frames in enumerate(audio)]
+        if len({f.shape[1] for f in fused}) != 1:
+            raise ValueError(f"clips fuse to different frame counts {sorted({f.shape[1] for f in fused})}")
+        fused = torch.cat(fused)  # (B, T, C)
+        k, s = connector.windows.kernel, connector.windows.stride
+        windows = fused.unfold(1, k, s).permute(0, 1, 3, 2).reshape(-1, k, fused.shape[-1])  # (B*L, K, C)
+        queries = connector.query_tokens.expand(windows.shape[0], -1, -1)
+        states = connector.qformer(query_embeds=queries, encoder_hidden_states=windows).last_hidden_state
+        tokens = connector.proj(states)  # (B*L, Q, D)
+        return tokens.reshape(len(audio), -1, tokens.shape[-1])
 
     # -- LLM inputs --------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> prompts.PromptIds:
@@ -182,6 +234,91 @@ class SalmonnModel(nn.Module):
         text = self.tokenizer.decode(ids)
         elapsed = time.perf_counter() - start
         return GenerationResult(text=text, token_ids=ids, timings=Timings(decode_s=elapsed, total_s=elapsed))
+
+    @torch.inference_mode()
+    def answer_embeds(
+        self,
+        inputs_embeds: torch.Tensor,
+        options: DecodeOptions | None = None,
+        *,
+        lora_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> GenerationResult:
+        """Generate from one prompt already embedded, (1, T, D) (e.g. several labelled clips in one prompt)."""
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
+            raise UsageError(f"answer_embeds takes one prompt (1, T, D), got {tuple(inputs_embeds.shape)}")
+        return self._answer_rows(inputs_embeds, options, lora_scale, generator, time.perf_counter())[0]
+
+    @torch.inference_mode()
+    def answer_batch(
+        self,
+        audio_tokens: torch.Tensor,
+        prompt: str,
+        options: DecodeOptions | None = None,
+        *,
+        lora_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[GenerationResult]:
+        """`answer` for B clips' audio tokens (B, N, D) with one prompt, decoded together (`decode_batch`).
+
+        Without sampling row i gets `answer(audio_tokens[i:i+1], ...)`'s ids; sampled ids depend on the whole
+        batch (one generator, drawn row by row). Timings: the batch's wall time split evenly over its rows.
+        """
+        started = time.perf_counter()
+        embeds = torch.cat([self.inputs_embeds(audio_tokens[i : i + 1], prompt) for i in range(audio_tokens.shape[0])])
+        return self._answer_rows(embeds, options, lora_scale, generator, started)
+
+    def _answer_rows(self, embeds, options, lora_scale, generator, started: float) -> list[GenerationResult]:
+        """Decode every row of `embeds` together; each result's timings are the wall time since `started` / B."""
+        with scaled_lora(self.llm, self._scale(lora_scale)):
+            outs = decode_batch(
+                self.llm,
+                embeds.to(self.device),
+                options or DecodeOptions(),
+                eos_token_id=self.settings.eos_token_id,
+                bos_token_id=self.settings.bos_token_id,
+                pad_token_id=self.settings.pad_token_id,
+                generator=generator,
+                keep_step_scores=False,
+            )
+        texts = [self.tokenizer.decode(list(out.token_ids)) for out in outs]
+        share = (time.perf_counter() - started) / len(outs)
+        timings = Timings(decode_s=share, total_s=share)
+        return [GenerationResult(text, list(out.token_ids), timings) for text, out in zip(texts, outs, strict=True)]
+
+    def generate_batch(
+        self,
+        waveforms: Sequence[np.ndarray],
+        prompt: str,
+        *,
+        batch_size: int = 8,
+        lora_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        **decode_options,
+    ) -> list[GenerationResult]:
+        """`generate` for many clips (each at most 30 s is heard), `batch_size` clips encoded and decoded together.
+
+        `decode_options` are `DecodeOptions` fields (the original's defaults: beams 4, 200 new tokens). Without
+        sampling, result i equals `generate(waveforms[i], prompt, ...)`. Timings: each batch's encode and decode
+        wall times split evenly over its clips, so they add up to the wall time of the whole call.
+        """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        unknown = sorted(set(decode_options) - {f.name for f in fields(DecodeOptions)})
+        if unknown:
+            raise UsageError(f"unknown decoding option(s): {', '.join(unknown)}")
+        options = DecodeOptions(**decode_options)
+        waveforms = list(waveforms)
+        results: list[GenerationResult] = []
+        for first in range(0, len(waveforms), batch_size):
+            chunk = waveforms[first : first + batch_size]
+            start = time.perf_counter()
+            tokens = self.audio_tokens_batch(chunk)
+            encode_s = (time.perf_counter() - start) / len(chunk)
+            for result in self.answer_batch(tokens, prompt, options, lora_scale=lora_scale, generator=generator):
+                total = encode_s + result.timings.total_s
+                results.append(replace(result, timings=replace(result.timings, encode_s=encode_s, total_s=total)))
+        return results
 
     # -- training loss -------------------------------------------------------------------------------------
     def training_inputs(
