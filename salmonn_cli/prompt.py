@@ -129,3 +129,18 @@ def translate_instruction(language: str) -> str:
         raise UsageError("--to needs a language, e.g. --to German")
     name = LANGUAGE_NAMES.get(name.lower(), name[:1].upper() + name[1:])
     return TASK_INSTRUCTIONS["translate"].format(language=name)
+
+
+def assemble_labelled_inputs(table: "nn.Module", ids: PromptIds, parts: list[tuple[tuple[int, ...], "torch.Tensor"]],
+                             bos_id: int) -> "torch.Tensor":  # fmt: skip
+    """Several audio pieces in one prompt, each after its own text label (e.g. its time span):
+    `[bos, before, label_1, audio_1, label_2, audio_2, ..., after]`: (1, T, D). Used to ask about long audio as
+    a whole; the published models were trained with one piece, so this is an extension, not the original."""
+    import torch
+
+    device = parts[0][1].device
+    pieces = [_embed(table, (bos_id,), device), _embed(table, ids.before, device)]
+    for label_ids, audio in parts:
+        pieces += [_embed(table, label_ids, device), audio.to(pieces[0].dtype)]
+    pieces.append(_embed(table, ids.after, device))
+    return torch.cat(pieces, dim=1)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import fields
 
 from .options import (
+    BatchSizeOpt,
     BeamsOpt,
     BeatsOpt,
     CheckpointOpt,
@@ -16,19 +17,26 @@ from .options import (
     DeviceOpt,
     ForceOpt,
     FormatOpt,
+    GlobOpt,
     InstructionOpt,
     LlmOpt,
     LoraScaleOpt,
+    ManifestOpt,
     MaxTokensOpt,
     ModelChoice,
     ModelOpt,
     OfflineOpt,
+    OutputDirOpt,
+    OverwriteOpt,
     QuantBackendOpt,
     QuantOpt,
+    RecursiveOpt,
     SeedOpt,
     TemperatureOpt,
     TopPOpt,
+    VadOpt,
     WhisperOpt,
+    WholeOpt,
 )
 
 MODEL_OPTIONS: dict[str, tuple[object, object]] = {
@@ -54,7 +62,15 @@ TASK_OPTIONS: dict[str, tuple[object, object]] = {
     "instruction": (InstructionOpt, None),
     "force": (ForceOpt, False),
     "format": (FormatOpt, "text"),
+    "output_dir": (OutputDirOpt, None),
+    "overwrite": (OverwriteOpt, False),
+    "recursive": (RecursiveOpt, False),
+    "glob": (GlobOpt, None),
+    "manifest": (ManifestOpt, None),
+    "vad": (VadOpt, True),
+    "batch_size": (BatchSizeOpt, 1),
 }
+WHOLE_OPTION: dict[str, tuple[object, object]] = {"whole": (WholeOpt, False)}
 
 
 def with_options(*groups: dict[str, tuple[object, object]]) -> Callable[[Callable], Callable]:

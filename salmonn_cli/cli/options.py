@@ -88,8 +88,55 @@ InstructionOpt = Annotated[
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Run the model even on silent audio.", rich_help_panel=DECODE_PANEL)
 ]
+INPUT_PANEL = "Inputs and long audio"
+OutputDirOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--output-dir",
+        "-o",
+        help="One output file per input here, plus results.jsonl; re-runs skip inputs already done.",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Redo inputs whose output already exists.", rich_help_panel=OUTPUT_PANEL)
+]
+RecursiveOpt = Annotated[
+    bool, typer.Option("--recursive", "-r", help="Look for audio in sub-folders too.", rich_help_panel=INPUT_PANEL)
+]
+GlobOpt = Annotated[
+    Optional[str], typer.Option(help="File pattern inside folders, e.g. '*.flac'.", rich_help_panel=INPUT_PANEL)
+]
+ManifestOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        help='A file listing inputs: one path per line, or jsonl with "audio" and "instruction".',
+        rich_help_panel=INPUT_PANEL,
+    ),
+]
+VadOpt = Annotated[
+    bool,
+    typer.Option(
+        "--vad/--no-vad", help="Cut long audio at pauses (silero-vad) or every 30 s.", rich_help_panel=INPUT_PANEL
+    ),
+]
+BatchSizeOpt = Annotated[
+    int, typer.Option(min=1, help="Segments decoded together (faster on a GPU).", rich_help_panel=INPUT_PANEL)
+]
+WholeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--whole",
+        help="Long audio: one answer about all segments together (within the LLM's "
+        "context) instead of one per segment.",
+        rich_help_panel=INPUT_PANEL,
+    ),
+]
 FilesArg = Annotated[list[Path], typer.Argument(help="Audio files (wav, flac, ogg, mp3, ...).", show_default=False)]
 FileArg = Annotated[Path, typer.Argument(help="Audio file.", show_default=False)]
+OptionalFilesArg = Annotated[
+    Optional[list[Path]], typer.Argument(help="Audio files or folders (or use --manifest).", show_default=False)
+]
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from ..errors import OutOfMemoryError, SalmonnError
-from ..output import WRITERS, Record
+from ..output import Record
 from .options import DecodeChoice, ModelChoice
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)  # one message = one line, never wrapped
@@ -88,66 +89,106 @@ def open_model(choice: ModelChoice) -> LoadedModel:
     return LoadedModel(model, spec.name, Path(paths.checkpoint).name, quant.describe(), str(device), known_sha)
 
 
-def run_task(loaded: LoadedModel, task: Task, files: list[Path], decode: DecodeChoice, fmt: str, force: bool) -> int:
-    """Run `task` on each file in turn; print each result; return the exit code (0, or the first failure's)."""
-    writer = WRITERS[fmt]
-    failures: list[tuple[Path, SalmonnError]] = []
-    for path in files:
-        try:
-            record = answer_file(loaded, task, path, decode, force)
-        except SalmonnError as exc:
-            stderr.print(f"[red]salmonn: error:[/] {exc}")
-            failures.append((path, exc))
-            continue
-        print(writer(record), flush=True)
-    if failures and len(files) > 1:
-        stderr.print(f"[red]{len(failures)} of {len(files)} inputs failed[/]")
-    return failures[0][1].exit_code if failures else 0
+def run_task(loaded: LoadedModel, task: Task, items: list, decode: DecodeChoice, plan, settings) -> int:
+    """Run `task` on each input in turn (skipping those already done); emit each result as it finishes;
+    report each failure and go on. Returns the exit code: 0, or the first failure's."""
+    from .batch import Tally
+
+    tally = Tally(total=len(items))
+    failures: list[SalmonnError] = []
+    with _progress(len(items)) as advance:
+        for item in items:
+            if plan.done(item.path):
+                tally.skipped += 1
+                advance(item.path, tally)
+                continue
+            try:
+                record = answer_item(loaded, task, item, decode, settings)
+            except SalmonnError as exc:
+                stderr.print(f"[red]salmonn: error:[/] {exc}")
+                failures.append(exc)
+                tally.failed += 1
+            else:
+                plan.emit(record)
+                tally.done += 1
+                tally.audio_s += record.audio_seconds
+            advance(item.path, tally)
+    if len(items) > 1 or plan.output_dir is not None:
+        stderr.print(tally.summary())
+    return failures[0].exit_code if failures else 0
 
 
-def answer_file(loaded: LoadedModel, task: Task, path: Path, decode: DecodeChoice, force: bool) -> Record:
-    """One input -> one Record (the model is not run on silent audio unless `force`)."""
-    from ..audio import SAMPLE_RATE, WINDOW_SECONDS, is_silent, load_audio
+@contextmanager
+def _progress(total: int):
+    """A live progress line on a terminal (files, audio time, x real time, ETA); nothing otherwise."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    waveform = load_audio(path)
-    seconds = waveform.shape[0] / SAMPLE_RATE
-    if seconds > WINDOW_SECONDS:
-        warn(f"{path}: {seconds:.0f} s long; the model hears the first {WINDOW_SECONDS:.0f} s")
+    if total < 2 or not stderr.is_terminal:
+        yield lambda path, tally: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        task_id = progress.add_task("files", total=total, info="")
+
+        def advance(path: Path, tally) -> None:
+            info = f"{tally.audio_s / 3600:.2f} h audio, {tally.speed()}"
+            progress.update(task_id, advance=1, description=path.name[:40], info=info)
+
+        yield advance
+
+
+def answer_item(loaded: LoadedModel, task: Task, item, decode: DecodeChoice, settings) -> Record:
+    """One input -> one Record: the whole file, in <= 30 s segments cut at pauses (silent ones not run)."""
+    from ..audio import SAMPLE_RATE, load_audio
+    from ..longform import answer_file
+
+    waveform = load_audio(item.path)
+    instruction = item.instruction or task.instruction
     scale = decode.lora_scale if decode.lora_scale is not None else task.lora_scale
-    effective_scale = scale if scale is not None else loaded.model.settings.trained_lora_scale
-    base = dict(
-        file=str(path),
+    with oom_hint(loaded):
+        answer = answer_file(loaded.model, waveform, instruction, decode.generate_kwargs(), settings,
+                             lora_scale=scale, generator=_generator(loaded, decode))  # fmt: skip
+    if answer.skipped == "silence":
+        warn(f"{item.path}: no audible content (silence); nothing to answer. Use --force to run the model anyway")
+    return Record(
+        file=str(item.path),
         task=task.name,
-        instruction=task.instruction,
+        instruction=instruction,
+        text=answer.text,
         model=loaded.name,
         checkpoint=loaded.checkpoint,
         quantization=loaded.quantization,
-        lora_scale=effective_scale,
+        lora_scale=scale if scale is not None else loaded.model.settings.trained_lora_scale,
         decode=decode.generate_kwargs(),
-        audio_seconds=round(seconds, 3),
+        audio_seconds=round(waveform.shape[0] / SAMPLE_RATE, 3),
+        timings={k: round(v, 4) for k, v in answer.timings.items()},
+        token_count=answer.token_count,
+        skipped=answer.skipped,
         checkpoint_sha256=loaded.checkpoint_sha256,
+        segments=answer.cues,
+        extra={"segments_total": answer.segments, "segments_answered": answer.answered},
     )
-    if not force and is_silent(waveform):
-        warn(f"{path}: no audible content (silence); nothing to answer. Use --force to run the model anyway")
-        return Record(text="", timings={}, token_count=0, skipped="silence", **base)
-    result = _generate(loaded, waveform, task.instruction, decode, scale)
-    timings = {k: round(v, 4) for k, v in vars(result.timings).items()}
-    return Record(text=result.text.strip(), timings=timings, token_count=len(result.token_ids), **base)
 
 
-def _generate(loaded: LoadedModel, waveform, instruction: str, decode: DecodeChoice, scale: float | None):
+def _generator(loaded: LoadedModel, decode: DecodeChoice):
+    if decode.seed is None:
+        return None
     import torch
 
-    generator = None
-    if decode.seed is not None:
-        torch.manual_seed(decode.seed)
-        generator = torch.Generator(device=loaded.model.device).manual_seed(decode.seed)
+    torch.manual_seed(decode.seed)
+    return torch.Generator(device=loaded.model.device).manual_seed(decode.seed)
+
+
+@contextmanager
+def oom_hint(loaded: LoadedModel):
+    """Out of GPU memory -> one sentence with what to try (exit 6)."""
+    import torch
+
     try:
-        return loaded.model.generate(
-            waveform, instruction, lora_scale=scale, generator=generator, **decode.generate_kwargs()
-        )
+        yield
     except torch.cuda.OutOfMemoryError:
         raise OutOfMemoryError(
             f"out of GPU memory on {loaded.device} with the LLM {loaded.quantization}: try --quant 4bit, "
-            "a smaller --beams or --max-new-tokens, or --model salmonn-7b"
+            "a smaller --batch-size, --beams or --max-new-tokens, or --model salmonn-7b"
         ) from None

@@ -1,5 +1,6 @@
 """The task commands: ask, transcribe, translate, caption, story. Each picks its instruction (the original's
-test prompts, DESIGN.md section 1); `--instruction` overrides it."""
+test prompts, DESIGN.md section 1); `--instruction` or a jsonl manifest's per-file instruction overrides it.
+Any length of audio: long files are cut at pauses into <= 30 s segments (see salmonn_cli.longform)."""
 
 from __future__ import annotations
 
@@ -9,37 +10,64 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
-from ..output import WRITERS
-from .commands import DECODE_OPTIONS, MODEL_OPTIONS, TASK_OPTIONS, decode_choice, model_choice, with_options
-from .options import FileArg, FilesArg
-from .runner import Task, open_model, run_task, stderr
+from ..errors import AudioError, UsageError
+from .commands import (
+    DECODE_OPTIONS,
+    MODEL_OPTIONS,
+    TASK_OPTIONS,
+    WHOLE_OPTION,
+    decode_choice,
+    model_choice,
+    with_options,
+)
+from .options import FileArg, OptionalFilesArg
+from .runner import Task, open_model, run_task
 
 STORY_LORA_SCALE = 2.0  # the paper: story-telling wakes up at about half the trained scaling
+SPEECH_TASKS = ("transcribe", "translate")  # joined as running text, subtitles follow the speech
 
 task_options = with_options(MODEL_OPTIONS, DECODE_OPTIONS, TASK_OPTIONS)
+open_task_options = with_options(MODEL_OPTIONS, DECODE_OPTIONS, TASK_OPTIONS, WHOLE_OPTION)
 
 
 def run(task: Task, files: list[Path], options: dict) -> None:
-    """Shared tail of every task command: validate, load, answer each file, exit with the right code."""
-    if options["format"] not in WRITERS:
-        raise UsageError(f"--format must be one of {', '.join(WRITERS)}; got {options['format']!r}")
+    """Shared tail of every task command: inputs, output plan, model; answer each input; exit code."""
+    from ..inputs import expand_inputs
+    from ..longform import LongformSettings
+    from ..output import writer_for
+    from .batch import OutputPlan, unique_names
+
+    fmt, writer = writer_for(options["format"])
     if options["instruction"] is not None:
         if not options["instruction"].strip():
             raise UsageError("--instruction is empty")
         task = replace(task, instruction=options["instruction"].strip())
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing and len(missing) == len(files):
-        from ..errors import AudioError
-
+    items = expand_inputs(files, recursive=options["recursive"], glob=options["glob"], manifest=options["manifest"])
+    missing = [str(item.path) for item in items if not item.path.exists() or item.path.is_dir()]
+    if len(missing) == len(items):  # nothing to do: say so before spending time on the model
         raise AudioError(f"audio file not found: {', '.join(missing)}")
+    plan = OutputPlan(fmt, writer, options["output_dir"], options["overwrite"],
+                      unique_names([item.path for item in items]))  # fmt: skip
+    settings = LongformSettings(
+        vad=options["vad"],
+        batch_size=options["batch_size"],
+        speech_only=task.name in SPEECH_TASKS,
+        force=options["force"],
+        whole=options.get("whole", False),
+        timestamped=task.name not in SPEECH_TASKS,
+    )
+    if all(plan.done(item.path) for item in items):
+        from .runner import stderr
+
+        stderr.print(f"all {len(items)} inputs are already done in {plan.output_dir} (--overwrite redoes them)")
+        return
     loaded = open_model(model_choice(options))
-    code = run_task(loaded, task, files, decode_choice(options), options["format"], options["force"])
+    code = run_task(loaded, task, items, decode_choice(options), plan, settings)
     if code:
         raise typer.Exit(code)
 
 
-@task_options
+@open_task_options
 def ask(
     file: FileArg,
     question: Annotated[str, typer.Argument(help="Your question about the audio.", show_default=False)],
@@ -53,42 +81,42 @@ def ask(
 
 @task_options
 def transcribe(
-    files: FilesArg,
+    files: OptionalFilesArg = None,
     lang: Annotated[str, typer.Option("--lang", "-l", help="Spoken language: en, zh, de or auto.")] = "en",
     options: dict = None,  # filled by task_options
 ) -> None:
-    """Write down what is said."""
+    """Write down what is said (any length; -f srt/vtt for subtitles)."""
     from ..prompt import transcribe_instruction
 
-    run(Task("transcribe", transcribe_instruction(lang)), files, options)
+    run(Task("transcribe", transcribe_instruction(lang)), files or [], options)
 
 
 @task_options
 def translate(
-    files: FilesArg,
-    to: Annotated[str, typer.Option("--to", "-t", help="Target language: a name (German) or code (de).")],
+    files: OptionalFilesArg = None,
+    to: Annotated[str, typer.Option("--to", "-t", help="Target language: a name (German) or code (de).")] = "",
     options: dict = None,
 ) -> None:
     """Translate the speech into another language."""
     from ..prompt import translate_instruction
 
-    run(Task("translate", translate_instruction(to)), files, options)
+    run(Task("translate", translate_instruction(to)), files or [], options)
 
 
-@task_options
+@open_task_options
 def caption(
-    files: FilesArg,
+    files: OptionalFilesArg = None,
     music: Annotated[bool, typer.Option("--music", help="Describe it as music.")] = False,
     options: dict = None,
 ) -> None:
-    """Describe what can be heard."""
+    """Describe what can be heard (long audio: one line per segment, with its time)."""
     from ..prompt import TASK_INSTRUCTIONS
 
     name = "music" if music else "caption"
-    run(Task(name, TASK_INSTRUCTIONS[name]), files, options)
+    run(Task(name, TASK_INSTRUCTIONS[name]), files or [], options)
 
 
-@task_options
+@open_task_options
 def story(file: FileArg, options: dict) -> None:
     """Write a story inspired by the audio (LoRA scale 2.0 unless --lora-scale says otherwise)."""
     from ..prompt import TASK_INSTRUCTIONS
@@ -99,6 +127,3 @@ def story(file: FileArg, options: dict) -> None:
 def register(app: typer.Typer) -> None:
     for command in (ask, transcribe, translate, caption, story):
         app.command(command.__name__)(command)
-
-
-__all__ = ["register", "stderr"]

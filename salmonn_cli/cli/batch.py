@@ -1,0 +1,114 @@
+"""Many inputs: where results go (stdout, or one file per input in `--output-dir` plus `results.jsonl`),
+what is already done (re-runs skip it unless `--overwrite`), progress, and the closing summary."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..output import EXTENSIONS, Record, write_json
+
+RESULTS_FILE = "results.jsonl"
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """How results are written: format, writer, and optionally a folder with one file per input."""
+
+    fmt: str
+    writer: Callable[[Record], str]
+    output_dir: Path | None = None
+    overwrite: bool = False
+    names: dict[Path, str] = field(default_factory=dict)  # input -> output file stem (unique in the run)
+
+    def target(self, path: Path) -> Path | None:
+        if self.output_dir is None:
+            return None
+        return self.output_dir / (self.names.get(path, path.stem) + EXTENSIONS[self.fmt])
+
+    def done(self, path: Path) -> bool:
+        """An input is done when its output file exists (written atomically, so it is whole)."""
+        target = self.target(path)
+        return target is not None and not self.overwrite and target.is_file()
+
+    def emit(self, record: Record) -> None:
+        """Print the result, or write its file atomically and append its line to results.jsonl."""
+        text = self.writer(record)
+        target = self.target(Path(record.file))
+        if target is None:
+            print(text, flush=True)
+            return
+        atomic_write(target, text if text.endswith("\n") else text + "\n")
+        append_line(self.output_dir / RESULTS_FILE, write_json(record))
+
+
+def unique_names(paths: list[Path]) -> dict[Path, str]:
+    """Output stems: the input's stem, plus a short hash of its path where two inputs share a stem."""
+    stems: dict[str, int] = {}
+    for path in paths:
+        stems[path.stem] = stems.get(path.stem, 0) + 1
+    return {p: p.stem if stems[p.stem] == 1 else f"{p.stem}-{_short_hash(p)}" for p in paths}
+
+
+def _short_hash(path: Path) -> str:
+    return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line with a single write (O_APPEND), flushed to disk before returning."""
+    data = (line + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Tally:
+    """Counts and audio time for progress and the summary."""
+
+    total: int
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    audio_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def wall_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    def speed(self) -> str:
+        """Audio seconds per wall second (x real time)."""
+        return f"{self.audio_s / self.wall_s:.2f}x real time" if self.wall_s > 0 and self.audio_s else "-"
+
+    def summary(self) -> str:
+        parts = [f"{self.done} done"]
+        if self.skipped:
+            parts.append(f"{self.skipped} already done (skipped; --overwrite redoes them)")
+        if self.failed:
+            parts.append(f"{self.failed} failed")
+        audio = f"{self.audio_s / 3600:.2f} h" if self.audio_s >= 3600 else f"{self.audio_s:.0f} s"
+        return f"{self.total} inputs: {', '.join(parts)}; {audio} of audio in {self.wall_s:.0f} s ({self.speed()})"

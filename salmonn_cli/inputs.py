@@ -1,0 +1,101 @@
+"""Which files to process: paths, folders (`--recursive`, `--glob`) and manifests (one path per line, or jsonl
+with per-file instructions). Paths in a manifest are relative to the manifest's folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AudioError, UsageError
+
+AUDIO_SUFFIXES = frozenset(
+    ".wav .flac .ogg .oga .opus .mp3 .m4a .mp4 .aac .webm .mkv .aiff .aif .au .caf .w64 .wma".split()
+)
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input file, with its own instruction when a jsonl manifest gives one."""
+
+    path: Path
+    instruction: str | None = None
+
+
+def expand_inputs(paths: list[Path], *, recursive: bool = False, glob: str | None = None,
+                  manifest: Path | None = None) -> list[InputItem]:  # fmt: skip
+    """Files in the order given; a folder contributes its audio files (sorted), a manifest its lines.
+
+    A path that does not exist is kept (its error is reported when it is processed, and the rest go on);
+    a folder with no matching file is a UsageError, as is a malformed manifest line.
+    """
+    items: list[InputItem] = []
+    for path in paths:
+        if path.is_dir():
+            found = _folder_files(path, recursive=recursive, glob=glob)
+            if not found:
+                where = "or below it " if recursive else ""
+                raise UsageError(f"no audio files in {path} {where}(pattern {glob or 'any audio'})")
+            items.extend(InputItem(f) for f in found)
+        else:
+            items.append(InputItem(path))
+    if manifest is not None:
+        items.extend(read_manifest(manifest))
+    if not items:
+        raise UsageError("no input files: give audio files, folders, or --manifest")
+    return _unique(items)
+
+
+def _folder_files(folder: Path, *, recursive: bool, glob: str | None) -> list[Path]:
+    pattern = glob or "*"
+    candidates = folder.rglob(pattern) if recursive else folder.glob(pattern)
+    # an explicit --glob is the user's filter; otherwise keep what looks like audio
+    return sorted(p for p in candidates if p.is_file() and (glob or p.suffix.lower() in AUDIO_SUFFIXES))
+
+
+def read_manifest(manifest: Path) -> list[InputItem]:
+    """Lines of a manifest: a path per line (`#` comments), or jsonl objects with `audio` and `instruction`."""
+    if not manifest.is_file():
+        raise AudioError(f"manifest not found: {manifest}")
+    base = manifest.parent
+    items = []
+    for number, raw in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            items.append(_json_item(line, base, f"{manifest}:{number}"))
+        else:
+            items.append(InputItem(_resolve(base, line)))
+    return items
+
+
+def _json_item(line: str, base: Path, where: str) -> InputItem:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{where}: not valid JSON ({exc.msg})") from None
+    audio = entry.get("audio") if isinstance(entry, dict) else None
+    if not isinstance(audio, str) or not audio:
+        raise UsageError(f'{where}: a jsonl manifest line needs an "audio" path')
+    instruction = entry.get("instruction")
+    if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+        raise UsageError(f'{where}: "instruction" must be a non-empty string')
+    return InputItem(_resolve(base, audio), instruction.strip() if instruction else None)
+
+
+def _resolve(base: Path, text: str) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _unique(items: list[InputItem]) -> list[InputItem]:
+    """Drop repeats of the same file with the same instruction (a file listed twice is processed once)."""
+    seen: set[tuple[Path, str | None]] = set()
+    unique = []
+    for item in items:
+        key = (item.path.resolve(), item.instruction)
+        if key not in seen:
+            seen.add(key)
+            unique.append(item)
+    return unique

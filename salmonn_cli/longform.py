@@ -1,0 +1,119 @@
+"""Audio of any length: cut into <= 30 s segments at pauses, answer each audible segment (in batches), join.
+
+Short audio is one segment and gives exactly what `SalmonnModel.generate` gives. `whole=True` instead puts
+the audio tokens of every segment, each after its time label, into ONE prompt (for questions about the whole
+recording, such as "when does the music start?"), within the LLM's context.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, WINDOW_SECONDS, is_silent
+from .output import Cue, timestamp
+
+
+@dataclass(frozen=True)
+class LongformSettings:
+    """How a long file is handled."""
+
+    vad: bool = True  # cut at pauses found by silero-vad (else fixed 30 s windows)
+    batch_size: int = 1  # segments decoded together
+    speech_only: bool = False  # transcription: skip segments in which the VAD heard no speech
+    force: bool = False  # run the model even on silent segments
+    whole: bool = False  # one answer about all segments together
+    timestamped: bool = False  # join per-segment answers as "[mm:ss–mm:ss] text" lines (else with spaces)
+
+
+@dataclass(frozen=True)
+class FileAnswer:
+    """What the model said about one file: joined text, timed cues, and bookkeeping."""
+
+    text: str
+    cues: tuple[Cue, ...]
+    token_count: int
+    segments: int
+    answered: int  # segments the model was run on
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped: str | None = None  # "silence" when no segment was audible
+
+
+def answer_file(model, waveform: np.ndarray, instruction: str, decode: dict, settings: LongformSettings, *,
+                lora_scale: float | None = None, generator=None) -> FileAnswer:  # fmt: skip
+    """Answer `instruction` about a whole waveform of any length (see the module docstring)."""
+    from .segment import plan_segments, segment_audio
+
+    started = time.perf_counter()
+    segments = plan_segments(waveform, max_seconds=WINDOW_SECONDS, vad=settings.vad)
+    single = len(segments) == 1
+    audible = [s for s in segments if settings.force or _audible(s, segment_audio(waveform, s), settings, single)]
+    if not audible:
+        return FileAnswer("", (), 0, len(segments), 0, {"total_s": time.perf_counter() - started}, skipped="silence")
+    clips = [segment_audio(waveform, s) for s in audible]
+    if settings.whole and len(audible) > 1:
+        answer = _answer_whole(model, audible, clips, instruction, decode, settings, lora_scale, generator)
+        return FileAnswer(answer.text.strip(), (Cue(audible[0].start, audible[-1].end, answer.text.strip()),),
+                          len(answer.token_ids), len(segments), len(audible),
+                          {"total_s": time.perf_counter() - started})  # fmt: skip
+    results = model.generate_batch(clips, instruction, batch_size=settings.batch_size, lora_scale=lora_scale,
+                                   generator=generator, **decode)  # fmt: skip
+    cues = tuple(_cue(s, r.text.strip(), settings) for s, r in zip(audible, results, strict=True))
+    text = _join(cues, settings, single=single)
+    timings = {"total_s": time.perf_counter() - started}
+    return FileAnswer(text, cues, sum(len(r.token_ids) for r in results), len(segments), len(audible), timings)
+
+
+def _audible(segment, clip: np.ndarray, settings: LongformSettings, single: bool) -> bool:
+    """Worth running the model on? Not on silence. In long recordings, transcription also skips segments where the
+    VAD heard no speech (music or noise breaks would only yield invented text); a single short clip is always
+    answered as the original would, since the VAD can miss singing or speech in noise."""
+    if settings.speech_only and settings.vad and not single:
+        return segment.has_speech
+    return not is_silent(clip)
+
+
+def _cue(segment, text: str, settings: LongformSettings) -> Cue:
+    if settings.speech_only and segment.has_speech:  # subtitles follow the speech, not the cut points
+        return Cue(segment.speech_start, segment.speech_end, text)
+    return Cue(segment.start, segment.end, text)
+
+
+def _join(cues: tuple[Cue, ...], settings: LongformSettings, *, single: bool) -> str:
+    spoken = [c for c in cues if c.text]
+    if single or not settings.timestamped:
+        return " ".join(c.text for c in spoken)
+    return "\n".join(f"[{timestamp(c.start)}–{timestamp(c.end)}] {c.text}" for c in spoken)
+
+
+def _answer_whole(model, segments, clips, instruction, decode, settings, lora_scale, generator):
+    """One prompt holding every segment's audio tokens after its time label; fails when it cannot fit."""
+    import torch
+
+    from .errors import UsageError
+    from .generate import DecodeOptions
+    from .prompt import assemble_labelled_inputs
+
+    tokens = torch.cat([model.audio_tokens_batch(clips[i : i + settings.batch_size])
+                        for i in range(0, len(clips), settings.batch_size)])  # fmt: skip  # (S, N, D)
+    labels = [model.tokenizer.encode(f" [{timestamp(s.start)}–{timestamp(s.end)}]") for s in segments]
+    parts = [(label, tokens[i : i + 1]) for i, label in enumerate(labels)]
+    embeds = assemble_labelled_inputs(model.llm.get_input_embeddings(), model.prompt_ids(instruction), parts,
+                                      model.settings.bos_token_id)  # fmt: skip
+    options = DecodeOptions(**decode)
+    limit = model.llm.config.max_position_embeddings
+    if embeds.shape[1] + options.max_new_tokens > limit:
+        per_segment = tokens.shape[1] + len(labels[0])
+        fit = max(0, (limit - options.max_new_tokens - (embeds.shape[1] - per_segment * len(segments))) // per_segment)
+        raise UsageError(
+            f"--whole: {len(segments)} segments need {embeds.shape[1]} + {options.max_new_tokens} tokens but the LLM "
+            f"holds {limit}; at most {fit} segments (~{fit * WINDOW_SECONDS:.0f} s of audio) fit: drop --whole for "
+            "one answer per segment"
+        )
+    return model.answer_embeds(embeds, options, lora_scale=lora_scale, generator=generator)
+
+
+def seconds(waveform: np.ndarray) -> float:
+    return waveform.shape[0] / SAMPLE_RATE
