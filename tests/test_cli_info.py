@@ -17,20 +17,9 @@ import soundfile as sf
 
 from tests.hub_server import FakeRepo, HubServer
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def folder_files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out)], check=True, capture_output=True
-    )
-    return out
 
 
 @pytest.fixture(scope="module")

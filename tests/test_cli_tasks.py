@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import soundfile as sf
 
 import salmonn_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--device", "cpu", "--quant", "none", "--beams", "1", "--max-new-tokens", "4"]
 
 
@@ -27,15 +25,6 @@ def salmonn(*args: str, stdin: str | None = None, env: dict | None = None) -> su
 
 def json_lines(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out)], check=True, capture_output=True
-    )
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,20 +19,11 @@ import webvtt
 from salmonn_cli.audio import SAMPLE_RATE
 from tests.speech import long_speech
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--device", "cpu", "--quant", "none", "--beams", "1", "--max-new-tokens", "3"]
 
 
 def salmonn(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([shutil.which("salmonn"), *args], capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out)], check=True,
-                   capture_output=True)  # fmt: skip
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ published ones (query tokens, Q-Former depth, LoRA rank are read from the tensor
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,25 +12,13 @@ import torch
 import salmonn_cli
 from salmonn_cli.llm import lora_layers
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_tiny(out: Path, *args: str) -> Path:
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out), *args], check=True, capture_output=True
-    )
-    return out
+from .conftest import make_tiny
 
 
 def load(folder: Path, **kwargs):
     return salmonn_cli.load_model(
         folder / "whisper", folder / "beats.pt", folder / "llm", folder / "salmonn.pth", **kwargs
     )
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from .. import prompt as prompts
 from ..audio import model_window
 from ..errors import UsageError
 from ..features import beats_fbank, whisper_log_mel
-from ..generate import DecodeOptions, GenerationResult, Timings, decode, decode_batch
+from ..generate import DecodeOptions, GenerationResult, Timings, decode_batch
 from ..llm import input_embeddings
 from ..llm import lora_scale as scaled_lora
 from ..tokenizer import TextCodec
@@ -217,23 +217,8 @@ class SalmonnModel(nn.Module):
 
         `options` defaults to the original's decoding (`DecodeOptions()`: beams 4, 200 new tokens).
         """
-        options = options or DecodeOptions()
         start = time.perf_counter()
-        embeds = self.inputs_embeds(audio_tokens, prompt)
-        with scaled_lora(self.llm, self._scale(lora_scale)):
-            out = decode(
-                self.llm,
-                embeds,
-                options,
-                eos_token_id=self.settings.eos_token_id,
-                bos_token_id=self.settings.bos_token_id,
-                pad_token_id=self.settings.pad_token_id,
-                generator=generator,
-            )
-        ids = list(out.token_ids)
-        text = self.tokenizer.decode(ids)
-        elapsed = time.perf_counter() - start
-        return GenerationResult(text=text, token_ids=ids, timings=Timings(decode_s=elapsed, total_s=elapsed))
+        return self._answer_rows(self.inputs_embeds(audio_tokens, prompt), options, lora_scale, generator, start)[0]
 
     @torch.inference_mode()
     def answer_embeds(
