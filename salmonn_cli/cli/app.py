@@ -43,10 +43,11 @@ def root(
 
 
 def _register_commands() -> None:
-    from . import chat, info, tasks
+    from . import chat, info, live, tasks
 
     tasks.register(app)
     chat.register(app)
+    live.register(app)
     info.register(app)
 
 
