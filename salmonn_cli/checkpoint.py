@@ -46,6 +46,25 @@ _CONNECTOR_RULES: tuple[tuple[str, str], ...] = (
 _LORA_PATTERN = re.compile(
     r"^llama_model\.(base_model\.model\.model\.layers\.(\d+)\..+\.(\w+)\.lora_([AB])\.default\.weight)$"
 )
+# The inverse map, our prefix -> original prefix, for writing checkpoints the original (and we) can read. Rules are
+# tried in order; the more specific Q-Former attention names come before the generic layer prefix.
+_CONNECTOR_RULES_INVERSE: tuple[tuple[str, str], ...] = (
+    (r"^query_tokens$", "speech_query_tokens"),
+    (r"^ln_speech\.", "ln_speech."),
+    (r"^ln_audio\.", "ln_audio."),
+    (r"^qformer\.layernorm\.", "speech_Qformer.bert.embeddings.LayerNorm."),
+    (
+        r"^qformer\.encoder\.layer\.(\d+)\.attention\.attention\.",
+        r"speech_Qformer.bert.encoder.layer.\1.attention.self.",
+    ),
+    (
+        r"^qformer\.encoder\.layer\.(\d+)\.crossattention\.attention\.",
+        r"speech_Qformer.bert.encoder.layer.\1.crossattention.self.",
+    ),
+    (r"^qformer\.encoder\.layer\.", "speech_Qformer.bert.encoder.layer."),
+    (r"^proj\.", "speech_llama_proj."),
+)
+_LORA_FILE_PREFIX = "llama_model."  # the original's attribute holding the peft-wrapped LLaMA
 # Saved alongside the trained weights by the original's save filter (buffers, tied copies of frozen tables):
 # they carry nothing we need, and ignoring them is safe because their values are fixed by other files.
 _IGNORED_PATTERNS = tuple(
@@ -150,6 +169,34 @@ def read_salmonn_checkpoint(path: str | Path) -> SalmonnCheckpoint:
         source[ours] = key
     shape = _connector_shape(connector, path)
     return SalmonnCheckpoint(path, connector, lora, source, shape, _lora_shape(lora, path))
+
+
+def original_connector_key(ours: str) -> str:
+    """The key a SALMONN `.pth` uses for one of our SpeechConnector tensors (inverse of the reading map)."""
+    for pattern, replacement in _CONNECTOR_RULES_INVERSE:
+        if re.match(pattern, ours):
+            return re.sub(pattern, replacement, ours, count=1)
+    raise KeyError(f"no SALMONN checkpoint name for connector tensor {ours!r}")
+
+
+def original_lora_key(peft_name: str) -> str | None:
+    """The SALMONN `.pth` key of a peft LoRA tensor name (`base_model...lora_A.default.weight`); None if not LoRA."""
+    key = _LORA_FILE_PREFIX + peft_name
+    return key if _LORA_PATTERN.match(key) else None
+
+
+def salmonn_state_dict(
+    connector: Mapping[str, "torch.Tensor"], lora: Mapping[str, "torch.Tensor"]
+) -> dict[str, "torch.Tensor"]:
+    """Connector tensors (our names) + LoRA tensors (peft names) -> a state dict with the ORIGINAL key names,
+    which `read_salmonn_checkpoint` (and the original's `load_state_dict(strict=False)`) read back."""
+    out = {original_connector_key(k): v for k, v in connector.items()}
+    for name, tensor in lora.items():
+        key = original_lora_key(name)
+        if key is None:
+            raise KeyError(f"not a LoRA tensor name: {name!r}")
+        out[key] = tensor
+    return out
 
 
 def _map_connector_key(key: str) -> str | None:

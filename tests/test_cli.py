@@ -18,7 +18,19 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
 
 
-COMMANDS = ["ask", "transcribe", "translate", "caption", "story", "chat", "live", "download", "models", "doctor"]
+COMMANDS = [
+    "ask",
+    "transcribe",
+    "translate",
+    "caption",
+    "story",
+    "chat",
+    "live",
+    "finetune",
+    "download",
+    "models",
+    "doctor",
+]
 
 
 @pytest.mark.parametrize("args", [["--help"], *[[command, "--help"] for command in COMMANDS]], ids=lambda a: a[0])

@@ -43,11 +43,12 @@ def root(
 
 
 def _register_commands() -> None:
-    from . import chat, info, live, tasks
+    from . import chat, finetune, info, live, tasks
 
     tasks.register(app)
     chat.register(app)
     live.register(app)
+    finetune.register(app)
     info.register(app)
 
 

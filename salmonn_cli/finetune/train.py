@@ -1,0 +1,366 @@
+"""The training loop of few-shot activation tuning: setup -> fit, resumable.
+
+setup: the LLM's base weights frozen (4-bit NF4 by default: QLoRA), encoders frozen in eval mode, the LoRA A/B
+matrices trained (and the connector with `train_connector`), LoRA dropout on, gradient checkpointing on the LLM.
+fit: AdamW, linear warm-up then cosine decay, gradient clipping, gradient accumulation, a data order fixed by
+the seed. The state is saved every `save_every` steps and at the end, atomically; a run resumed from it on CPU
+ends with exactly the weights of an uninterrupted run. Ctrl-C finishes the current forward pass, saves the
+state of the last completed step and stops (a second Ctrl-C stops at once, keeping the last periodic save).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import prompt as prompts
+from ..audio import load_audio
+from ..checkpoint import original_lora_key
+from ..errors import UsageError
+from ..llm import input_embeddings
+from ..llm import lora_scale as scaled_lora
+from .config import FinetuneConfig
+from .data import FewShotExample
+from .progress import Reporter, StepLog
+from .state import capture_rng, restore_rng, save_state, trainable_tensors
+
+
+def training_quantization(mode: str, backend: str = "auto"):
+    """The `quantize.QuantSpec` to load a model for training with. `auto` means bitsandbytes on CUDA AND on CPU:
+    NF4 is what QLoRA is, and on CPU it computes in float32, where quanto int4 would force bfloat16 activations
+    (and gradients) for speed that inference needs but a few training steps do not."""
+    from quantize import QuantSpec
+
+    return QuantSpec.parse(mode, backend="bitsandbytes" if backend == "auto" else backend)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a run did. `losses[i]` is step i+1's training loss; `val_losses` holds (step, loss) pairs."""
+
+    steps_done: int
+    total_steps: int
+    losses: tuple[float, ...]
+    val_losses: tuple[tuple[int, float], ...]
+    wall_s: float  # summed over the sessions of a resumed run
+    interrupted: bool = False
+
+    @property
+    def first_loss(self) -> float | None:
+        return self.losses[0] if self.losses else None
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.val_losses[-1][1] if self.val_losses else None
+
+
+@dataclass
+class _Progress:
+    """The mutable part of a run (what a saved state restores besides tensors)."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    val_losses: list[list] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+class Trainer:
+    """One training run of `model` on `train` (and `val`) under `config`; `identity` is stored in every state."""
+
+    def __init__(self, model, config: FinetuneConfig, train, val=(), *, identity: dict | None = None) -> None:
+        if not train:
+            raise UsageError("no training examples")
+        self.model, self.config = model, config
+        self.train_set, self.val_set = tuple(train), tuple(val)
+        self.identity = dict(identity or {})
+        self.total = config.total_steps(len(self.train_set))
+        self.progress = _Progress()
+        self._cache: dict[Path, object] = {}  # audio file -> encoder outputs, or audio tokens
+        _seed_everything(config.seed)
+        self.params = self._prepare_model()
+        self.optimizer = torch.optim.AdamW(
+            list(self.params.values()), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        # fp16 LLM math on CUDA needs loss scaling for its gradients; float32 (CPU) and bfloat16 do not
+        fp16 = model.device.type == "cuda" and input_embeddings(model.llm).weight.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(model.device.type, enabled=fp16)
+        self._boundary_rng = capture_rng()  # RNG state at the end of the last completed step
+
+    # -- setup -------------------------------------------------------------------------------------------
+    def _prepare_model(self) -> dict[str, nn.Parameter]:
+        """Freeze everything, then un-freeze what is trained; set train/eval modes and checkpointing."""
+        model, config = self.model, self.config
+        self._connector_dtype = model.connector.query_tokens.dtype
+        model.requires_grad_(False)
+        params = {f"llm.{n}": p for n, p in model.llm.named_parameters() if original_lora_key(n)}
+        if not params:
+            raise UsageError("the model has no LoRA weights to train")
+        if config.train_connector:
+            model.connector.float()  # float32 master weights: Adam updates vanish in float16
+            params.update({f"connector.{n}": p for n, p in model.connector.named_parameters()})
+        for p in params.values():
+            p.requires_grad_(True)
+        for module in model.llm.modules():  # LLaMA has no dropout modules of its own: these are LoRA's
+            if isinstance(module, nn.Dropout):
+                module.p = config.lora_dropout
+        _enable_checkpointing(model.llm, True)
+        self._train_mode()
+        return params
+
+    def release(self) -> None:
+        """Hand the model back as `load_model` gave it: eval mode, nothing requiring grad, no checkpointing, the
+        connector in the encoders' dtype again (SalmonnModel feeds the encoders in the connector's dtype)."""
+        self.model.requires_grad_(False)
+        self.model.connector.to(self._connector_dtype)
+        _enable_checkpointing(self.model.llm, False)
+        self.model.eval()
+
+    def _train_mode(self) -> None:
+        """Only the trained parts in training mode (dropout); encoders, and the connector when frozen, stay eval."""
+        self.model.eval()
+        self.model.llm.train()
+        self.model.connector.train(self.config.train_connector)
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up to the full rate over the warm-up steps, then cosine decay to 0 at the last step."""
+        warmup = self.config.warmup_steps(self.total)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        span = max(1, self.total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def order(self, position: int) -> int:
+        """Index of the training example at `position` of the run's example stream: each epoch a permutation
+        drawn from (seed, epoch) alone, so any position is known without replaying the run."""
+        n = len(self.train_set)
+        epoch, offset = divmod(position, n)
+        return int(np.random.default_rng([self.config.seed, epoch]).permutation(n)[offset])
+
+    def _audio_tokens(self, example: FewShotExample) -> torch.Tensor:
+        """Audio tokens (1, N, D) of an example. The encoders are frozen, so their outputs are computed once per
+        file and kept in host memory (a few MB each); so are the tokens themselves while the connector is frozen."""
+        key, device = example.audio, self.model.device
+        if key not in self._cache:
+            waveform = load_audio(example.audio)
+            with torch.no_grad():
+                speech = self.model.encode_speech(self.model.whisper_features(waveform))  # (1, 1500, Dw)
+                audio = self.model.encode_audio(self.model.beats_features(waveform))  # (1, Tb, Db)
+                if self.config.train_connector:
+                    self._cache[key] = (speech.cpu(), audio.cpu())
+                else:
+                    self._cache[key] = self.model.connector(speech, audio).cpu()  # (1, N, D)
+        cached = self._cache[key]
+        if not self.config.train_connector:
+            return cached.to(device)
+        dtype = self.model.connector.query_tokens.dtype  # float32 master weights, maybe float16 encoders
+        return self.model.connector(cached[0].to(device, dtype), cached[1].to(device, dtype))
+
+    def inputs(self, example: FewShotExample) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs_embeds (1, T, D), labels (1, T)) of one example, as `SalmonnModel.training_inputs` builds them."""
+        tokens = self._audio_tokens(example)
+        targets = prompts.target_ids(self.model.tokenizer, example.response, self.config.max_text_tokens)
+        table = input_embeddings(self.model.llm)
+        ids = self.model.prompt_ids(example.instruction)
+        return prompts.assemble_training(table, ids, tokens, self.model.settings.bos_token_id, targets)
+
+    def batch_loss(self, examples) -> tuple[torch.Tensor, int]:
+        """Mean next-token loss over the answers of `examples` (right-padded together) and the positions run."""
+        rows = [self.inputs(ex) for ex in examples]
+        if len(rows) == 1:
+            embeds, labels = rows[0]
+            mask = None  # one row: exactly the computation `SalmonnModel.loss` does
+        else:
+            length = max(e.shape[1] for e, _ in rows)
+            embeds = torch.cat([nn.functional.pad(e, (0, 0, 0, length - e.shape[1])) for e, _ in rows])
+            labels = torch.cat([nn.functional.pad(lab, (0, length - lab.shape[1]), value=-100) for _, lab in rows])
+            mask = torch.cat([(torch.arange(length) < e.shape[1])[None] for e, _ in rows]).long()
+            mask = mask.to(embeds.device)
+        with scaled_lora(self.model.llm, self.config.lora_scale):
+            out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
+        return out.loss, int(embeds.shape[0] * embeds.shape[1])
+
+    # -- one step, evaluation ---------------------------------------------------------------------------------
+    def train_step(self, stop) -> StepLog | None:
+        """One optimizer step over `grad_accum` forward passes; None when `stop()` asked to stop before it ended."""
+        config, step = self.config, self.progress.step
+        started, losses, tokens = time.perf_counter(), [], 0
+        per_step = config.examples_per_step
+        lr = self.scheduler.get_last_lr()[0]
+        for micro in range(config.grad_accum):
+            if stop():
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            first = step * per_step + micro * config.batch_size
+            batch = [self.train_set[self.order(p)] for p in range(first, first + config.batch_size)]
+            loss, count = self.batch_loss(batch)
+            self.scaler.scale(loss / config.grad_accum).backward()
+            losses.append(float(loss.detach()))
+            tokens += count
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        self.progress.losses.append(sum(losses) / len(losses))
+        self._boundary_rng = capture_rng()
+        seconds = time.perf_counter() - started
+        memory = torch.cuda.max_memory_allocated(self.model.device) if self.model.device.type == "cuda" else None
+        return StepLog(self.progress.step, self.total, self.progress.losses[-1], lr, tokens / seconds, seconds, memory)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the validation examples, dropout off (each example weighs the same)."""
+        self.model.eval()
+        try:
+            losses = [float(self.batch_loss([ex])[0]) for ex in self.val_set]
+        finally:
+            self._train_mode()
+        return sum(losses) / len(losses)
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything a resumed run needs to continue exactly where this one is (at a step boundary)."""
+        p = self.progress
+        return {
+            "step": p.step,
+            "data_position": p.step * self.config.examples_per_step,  # examples consumed from the stream
+            "trainable": trainable_tensors(self.params),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": self._boundary_rng,
+            "losses": list(p.losses),
+            "val_losses": [list(v) for v in p.val_losses],
+            "wall_s": p.wall_s,
+            "config": self.config.as_dict(),
+            "identity": self.identity,
+        }
+
+    def load(self, state: dict) -> None:
+        """Continue from a saved state; it must come from the same config, data and base model."""
+        changed = self.config.differences(state["config"])
+        changed += [f"{k} {v!r} -> {self.identity.get(k)!r}" for k, v in state["identity"].items()
+                    if self.identity.get(k) != v]  # fmt: skip
+        if changed:
+            raise UsageError(f"cannot resume: the run was started with other settings ({'; '.join(changed)})")
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(state["trainable"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self._boundary_rng = state["rng"]
+        restore_rng(state["rng"])
+        self.progress = _Progress(state["step"], list(state["losses"]), [list(v) for v in state["val_losses"]],
+                                  float(state["wall_s"]))  # fmt: skip
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def fit(self, out_dir: Path, reporter: Reporter | None = None) -> FitResult:
+        """Train to the last step, saving the state in `out_dir`; returns early (interrupted) on Ctrl-C."""
+        reporter = reporter or Reporter()
+        session_start, last_saved = time.perf_counter(), self.progress.step
+        stop = _StopRequest()
+        reporter.start(self.total, self.progress.step)
+        try:
+            with stop.on_sigint():
+                self._maybe_evaluate(reporter, force=self.progress.step == 0)
+                while self.progress.step < self.total:
+                    log = self.train_step(stop)
+                    if log is None:
+                        break
+                    reporter.step(log)
+                    self._maybe_evaluate(reporter, force=log.step == self.total)
+                    if log.step % self.config.save_every == 0 or log.step == self.total:
+                        self._save(out_dir, session_start, reporter)
+                        last_saved = log.step
+        finally:
+            reporter.close()
+        if stop.requested:
+            reporter.message(f"Ctrl-C: stopped after step {self.progress.step} (Ctrl-C twice stops without saving)")
+            if last_saved != self.progress.step:
+                self._save(out_dir, session_start, reporter)
+        p = self.progress
+        return FitResult(p.step, self.total, tuple(p.losses), tuple((int(s), float(v)) for s, v in p.val_losses),
+                         p.wall_s + time.perf_counter() - session_start, interrupted=stop.requested)  # fmt: skip
+
+    def _maybe_evaluate(self, reporter: Reporter, *, force: bool) -> None:
+        step = self.progress.step
+        if not self.val_set or not (force or step % self.config.eval_every == 0):
+            return
+        if any(int(s) == step for s, _ in self.progress.val_losses):
+            return
+        loss = self.evaluate()
+        self.progress.val_losses.append([step, loss])
+        reporter.message(f"eval  step {step}/{self.total}  val loss {loss:.4f} ({len(self.val_set)} examples)")
+
+    def _save(self, out_dir: Path, session_start: float, reporter: Reporter) -> None:
+        state = self.state()
+        state["wall_s"] = self.progress.wall_s + time.perf_counter() - session_start
+        save_state(out_dir, state)
+        reporter.message(f"saved state at step {self.progress.step}")
+
+
+class _StopRequest:
+    """Ctrl-C asks the loop to stop before the next forward pass; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    @contextmanager
+    def on_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame) -> None:  # prints nothing: the console may be half-way through a line
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _enable_checkpointing(llm: nn.Module, on: bool) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (memory for time).
+    Non-reentrant checkpointing needs no `enable_input_require_grads` and keeps dropout masks (it restores RNG)."""
+    if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.x; the old names warn
+        if on:
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llm.activation_checkpointing_disable()
+    elif on:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_disable()
