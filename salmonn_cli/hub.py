@@ -207,7 +207,7 @@ def _fetch(source: HubSource) -> Path:
         root = snapshot_download(
             source.repo, repo_type=source.repo_type, revision=source.revision, allow_patterns=source.allow_patterns()
         )
-    except Exception as exc:  # noqa: BLE001 - every failure of one source is a reason to try the next
+    except _download_errors() as exc:  # every way one source can fail is a reason to try the next
         raise _SourceFailed(*_classify(exc)) from exc
     return Path(root) / source.folder if source.folder else Path(root)
 
@@ -232,16 +232,28 @@ def _classify(exc: Exception) -> tuple[str, bool]:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "), False
 
 
-def _is_transport_error(exc: Exception) -> bool:
-    # huggingface_hub 1.x/2.x speak httpx2/httpx; older releases requests. Match whichever is installed.
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's network errors: huggingface_hub 1.x/2.x speak httpx2/httpx, older releases requests."""
+    found = []
     for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
         try:
-            cls = getattr(__import__(module), name)
+            found.append(getattr(__import__(module), name))
         except (ImportError, AttributeError):
             continue
-        if isinstance(exc, cls):
-            return True
-    return False
+    return tuple(found)
+
+
+def _download_errors() -> tuple[type[BaseException], ...]:
+    """What a download from one source can raise: Hub errors (HTTP statuses, missing entries), the network,
+    the disk (OSError covers ConnectionError and TimeoutError too) and malformed answers (ValueError)."""
+    from huggingface_hub import errors
+
+    hub = (errors.HfHubHTTPError, errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)
+    return (*hub, OSError, ValueError, *_transport_errors())
+
+
+def _is_transport_error(exc: Exception) -> bool:
+    return isinstance(exc, _transport_errors())
 
 
 # ---------------------------------------------------------------- checks
