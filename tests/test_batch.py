@@ -17,6 +17,8 @@ import salmonn_cli
 from salmonn_cli.errors import UsageError
 from salmonn_cli.generate import DecodeOptions, decode, decode_batch
 
+from .test_generate import PrefixCache  # the DynamicCache stand-in that follows beam reordering
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Please describe the audio."
 PAD, EOS = 0, 2
@@ -24,19 +26,6 @@ PAD, EOS = 0, 2
 
 # --------------------------------------------------------------------------------------------------
 # a fake LM: row b's prompt id is inputs_embeds[b, 0, 0]; logits = table(prompt id, ids generated so far)
-
-
-class _Cache:
-    """Stands in for DynamicCache: the (prompt id, fed ids...) of each row, following beam reordering."""
-
-    def __init__(self, rows: list[tuple[int, ...]]) -> None:
-        self.rows = rows
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.rows = [row for row in self.rows for _ in range(repeats)]
-
-    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-        self.rows = [self.rows[i] for i in beam_idx.tolist()]
 
 
 class PromptLM(torch.nn.Module):
@@ -47,7 +36,7 @@ class PromptLM(torch.nn.Module):
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, **kwargs):
         if inputs_embeds is not None:
-            cache = _Cache([(int(p),) for p in inputs_embeds[:, 0, 0].tolist()])
+            cache = PrefixCache([(int(p),) for p in inputs_embeds[:, 0, 0].tolist()])
         else:
             cache = kwargs["past_key_values"]
             self.fed.append(input_ids[:, 0].tolist())
