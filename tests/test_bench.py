@@ -1,11 +1,19 @@
-"""scripts/bench.py on the tiny shape runs end to end and reports every field (a test of the script, not of speed)."""
+"""scripts/bench.py on the tiny shape runs end to end and reports every field (a test of the script, not of speed);
+the layer-by-layer builder builds the shape it is asked for, and never holds much more than the finished model."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+
+import pytest
+
+from salmonn_cli.bench.report import markdown
+from salmonn_cli.bench.runner import BenchConfig, configurations
+from salmonn_cli.bench.shapes import SHAPES, TINY, BeatsShape, LlamaShape, ModelShape, QFormerShape, WhisperShape
 
 ROOT = Path(__file__).resolve().parents[1]
 STAT_FIELDS = {"median", "min", "max", "runs"}
@@ -21,25 +29,138 @@ def test_bench_tiny_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--shape", "tiny", "--device", "cpu"]
     command += ["--json", str(out), "--repeat", "1", "--warmup", "0", "--long-seconds", "60", "--batch-size", "2"]
+    command += ["--new-tokens", "4", "--markdown"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "long_audio.batch_speedup" in done.stdout  # the table
+    assert "long_audio.batch_speedup" in done.stdout  # the detailed table
+    assert "| none/none/cpu |" in done.stdout  # the markdown summary
 
     report = json.loads(out.read_text())
-    assert report["model"] == "tiny" and report["device"] == "cpu" and report["repeat"] == 1
-    assert report["load_s"] > 0
+    assert report["target"] == "tiny" and report["options"]["repeat"] == 1
+    _positive_stat(report["cli_help_s"], 1)
+    (run,) = report["runs"]
+    assert run["model"] == "tiny" and run["device"] == "cpu" and run["config"]["label"] == "none/none/cpu"
+    assert run["load_s"] > 0
+    memory = run["memory"]
+    for key in ("rss_before_load_bytes", "load_peak_rss_bytes", "model_bytes", "llm_bytes", "peak_rss_bytes"):
+        assert memory[key] > 0, key
+    assert memory["load_peak_rss_bytes"] <= memory["peak_rss_bytes"] and memory["gpu_peak"] is None
     for name in ("whisper_s", "beats_s", "connector_s"):
-        _positive_stat(report["stages"][name], 1)
-    _positive_stat(report["first_token"]["first_token_s"], 1)
-    decode = report["decode"]
-    assert decode["tokens"] > 1 and decode["tokens_per_s"] > 0
-    _positive_stat(decode["one_token_s"], 1)
-    _positive_stat(decode["all_tokens_s"], 1)
+        _positive_stat(run["stages"][name], 1)
+    _positive_stat(run["first_token"]["first_token_s"], 1)
+    for key, beams in (("decode", 1), ("decode_beams", 4)):
+        decode = run[key]
+        assert decode["tokens"] == 4 and decode["num_beams"] == beams and decode["tokens_per_s"] > 0
+        for stat in ("one_token_s", "all_tokens_s", "step_s"):
+            _positive_stat(decode[stat], 1)
+    _positive_stat(run["ask"]["first_token_s"], 1)
+    _positive_stat(run["ask"]["total_s"], 1)
 
-    long = report["long_audio"]
+    long = run["long_audio"]
     assert long["audio_s"] == 60 and long["segments"] >= 2 and long["segmenter"]
     assert set(long["by_batch_size"]) == {"1", "2"}
-    for run in long["by_batch_size"].values():
-        _positive_stat(run["wall_s"], 1)
-        assert run["audio_s_per_s"] == 60 / run["wall_s"]["median"]
+    for item in long["by_batch_size"].values():
+        _positive_stat(item["wall_s"], 1)
+        assert item["audio_s_per_s"] == 60 / item["wall_s"]["median"]
     assert long["batch_speedup"] > 0
+
+
+def test_bench_skips_a_run_that_does_not_fit_and_says_why(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--shape", "salmonn-13b", "--quant", "8bit"]
+    command += ["--max-host-gb", "1", "--skip", "help", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["config"]["label"] == "8bit/quanto/cpu" and "GB of host memory" in run["skipped"]
+
+
+def test_configurations_resolve_the_backend_per_device_once():
+    configs = configurations(["none", "4bit"], ["auto", "quanto"], ["cpu", "cuda"])
+    assert configs == [
+        BenchConfig("none", "none", "cpu"),
+        BenchConfig("4bit", "quanto", "cpu"),
+        BenchConfig("none", "none", "cuda"),
+        BenchConfig("4bit", "bitsandbytes", "cuda"),
+        BenchConfig("4bit", "quanto", "cuda"),
+    ]
+
+
+def test_published_shapes_have_the_published_sizes():
+    assert SHAPES["salmonn-7b"].llm.params(lora=False) == 6_738_415_616  # Vicuna-7B
+    assert SHAPES["salmonn-13b"].llm.params(lora=False) == 13_015_864_320  # Vicuna-13B
+    assert round(SHAPES["salmonn-13b"].whisper.params() / 1e6) == 637  # Whisper-large-v2 encoder
+
+
+CUSTOM = ModelShape(
+    "custom",
+    WhisperShape(d_model=48, layers=3, heads=4, ffn=80, positions=1500),
+    BeatsShape(
+        embed_dim=24,
+        encoder_embed_dim=32,
+        encoder_layers=3,
+        encoder_attention_heads=2,
+        encoder_ffn_embed_dim=56,
+        conv_pos=16,
+        conv_pos_groups=4,
+        num_buckets=40,
+        max_distance=100,
+    ),
+    QFormerShape(hidden=32, layers=3, heads=2, intermediate=40, query_tokens=2),
+    LlamaShape(hidden=96, layers=3, heads=4, intermediate=200, vocab=500, lora_rank=4),
+)
+
+
+@pytest.mark.parametrize("quant", ["none", "4bit"])
+def test_layer_by_layer_builder_builds_the_analytic_parameter_count(quant):
+    import torch
+
+    from quantize import QuantSpec
+    from salmonn_cli.bench.build import build_model
+
+    model = build_model(CUSTOM, QuantSpec.parse(quant, backend="quanto"), torch.device("cpu"))
+    expected = CUSTOM.params()
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    for name in ("whisper", "beats", "connector"):
+        assert sum(p.numel() for p in getattr(model, name).parameters()) == expected[name], name
+    if quant == "none":  # quanto's int4 tensors count packed elements; their count is the shape's otherwise
+        assert sum(p.numel() for p in model.llm.parameters()) == expected["llm"]
+    result = model.generate(torch.zeros(16000).numpy(), "Describe the audio.", max_new_tokens=3, min_length=4)
+    assert len(result.token_ids) == 3  # it runs end to end
+
+
+_BUILD_AND_MEASURE = textwrap.dedent(
+    """
+    import json, sys, torch
+    from quantize import QuantSpec
+    from salmonn_cli.bench.build import build_llm
+    from salmonn_cli.bench.memory import module_bytes, peak_rss_bytes, rss_bytes
+    from salmonn_cli.bench.shapes import LlamaShape
+    mode, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+    import optimum.quanto, peft  # imported before the baseline: the build is measured, not the imports
+    shape = LlamaShape(hidden=1024, layers=4, heads=8, intermediate=2816)
+    before = rss_bytes()
+    llm = build_llm(shape, QuantSpec.parse(mode, backend="quanto"), torch.device("cpu"), dtype)
+    print(json.dumps({"increase": peak_rss_bytes() - before, "size": module_bytes(llm)}))
+    """
+)
+
+
+@pytest.mark.parametrize(("mode", "dtype"), [("none", "float16"), ("4bit", "bfloat16")])
+def test_building_a_medium_llm_holds_little_more_than_the_finished_model(mode, dtype):
+    done = subprocess.run(
+        [sys.executable, "-c", _BUILD_AND_MEASURE, mode, dtype], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    # all of it in full precision would be 1.6x (4bit) of the finished size; one layer at a time stays near 1x
+    assert figures["increase"] < 1.5 * figures["size"], figures
+
+
+def test_markdown_summary_names_every_configuration_and_skipped_reason():
+    run = {"config": {"label": "4bit/quanto/cpu"}, "load_s": 2.0, "memory": {"model_bytes": 3 * 10**9}}
+    skipped = {"config": {"label": "8bit/quanto/cpu"}, "skipped": "too big"}
+    report = {"target": "salmonn-7b", "machine": {"description": "x86_64 2 cores"}, "options_text": "repeat 1"}
+    text = markdown({**report, "runs": [run, skipped]})
+    assert "| 4bit/quanto/cpu | 2.0 |" in text and "| 8bit/quanto/cpu | skipped: too big |" in text
+    assert TINY.name in SHAPES

@@ -30,6 +30,7 @@ COMMANDS = [
     "download",
     "models",
     "doctor",
+    "bench",
 ]
 
 

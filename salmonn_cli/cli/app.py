@@ -43,13 +43,14 @@ def root(
 
 
 def _register_commands() -> None:
-    from . import chat, finetune, info, live, tasks
+    from . import bench, chat, finetune, info, live, tasks
 
     tasks.register(app)
     chat.register(app)
     live.register(app)
     finetune.register(app)
     info.register(app)
+    bench.register(app)
 
 
 _register_commands()

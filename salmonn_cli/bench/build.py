@@ -1,0 +1,275 @@
+"""Build a SALMONN of a named shape with random weights, one layer at a time.
+
+Every component is constructed on the meta device (no memory), then materialised module by module on the
+target device and, for the LLM, quantised decoder layer by decoder layer, so the host never holds more than
+the finished (quantised) model plus one full-precision decoder layer. The classes are the package's own
+(transformers' WhisperEncoder, our BEATs and SpeechConnector, LlamaForCausalLM + `llm.attach_lora`,
+`quantize` backends), assembled into the `SalmonnModel` the CLI runs; only the weights' values are random,
+which changes neither speed nor memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .codec import WordCodec
+from .shapes import LlamaShape, ModelShape
+
+if TYPE_CHECKING:
+    from quantize import QuantSpec
+
+    from ..model.salmonn import SalmonnModel
+
+LORA_TARGETS = ("q_proj", "v_proj")
+_RANDOM = Path("<random weights>")  # what attach_lora would name in an error message
+
+
+def build_model(
+    shape: ModelShape, spec: QuantSpec, device: torch.device, *, llm_dtype: torch.dtype | None = None
+) -> SalmonnModel:
+    """A `SalmonnModel` of `shape` on `device`: encoders in load_model's dtype, the LLM quantised under `spec`.
+
+    llm_dtype: the LLM's (unquantised parts' and activations') dtype; default load_model's (`quantize.llm_dtype`).
+    """
+    from quantize import llm_dtype as default_llm_dtype
+    from quantize import llm_quantization_config
+
+    from ..model.qformer import WindowSpec
+    from ..model.salmonn import SalmonnModel, SalmonnSettings
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # as load_model: fp16 encoders on GPU
+    llm_quantization_config(spec, device.type)  # as load_model: a missing backend fails now; quiets bitsandbytes
+    whisper, extractor = build_whisper(shape, device, dtype)
+    windows = WindowSpec.from_seconds(0.333333, 0.333333)
+    model = SalmonnModel(
+        whisper=whisper,
+        whisper_extractor=extractor,
+        beats=build_beats(shape, device, dtype),
+        connector=build_connector(shape, windows, device, dtype),
+        llm=build_llm(shape.llm, spec, device, llm_dtype or default_llm_dtype(spec, device.type, dtype)),
+        tokenizer=WordCodec(shape.llm.vocab),
+        settings=SalmonnSettings(windows=windows),
+    )
+    return model.eval()
+
+
+def build_whisper(shape: ModelShape, device: torch.device, dtype: torch.dtype):
+    """(WhisperEncoder, WhisperFeatureExtractor) as `model.whisper.load_whisper_encoder` returns them."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    w = shape.whisper
+    config = WhisperConfig(
+        num_mel_bins=80,
+        d_model=w.d_model,
+        encoder_layers=w.layers,
+        encoder_attention_heads=w.heads,
+        encoder_ffn_dim=w.ffn,
+        max_source_positions=w.positions,
+    )
+    with torch.device("meta"):
+        encoder = WhisperEncoder(config)
+    materialise(encoder, device, dtype)
+    return _frozen(encoder), WhisperFeatureExtractor(feature_size=80)  # large-v2's front end: 80 bins, 30 s
+
+
+def build_beats(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Our BEATs with the iter3 configuration."""
+    from ..model.beats import BEATs, BeatsConfig
+
+    with torch.device("meta"):
+        beats = BEATs(BeatsConfig.from_dict(shape.beats.config()))
+    materialise(beats, device, dtype)
+    return _frozen(beats)
+
+
+def build_connector(shape: ModelShape, windows, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Our SpeechConnector (LayerNorms, Q-Former, projection)."""
+    from ..checkpoint import ConnectorShape
+    from ..model.qformer import SpeechConnector
+
+    q, speech, audio = shape.qformer, shape.whisper.d_model, shape.beats.encoder_embed_dim
+    sizes = ConnectorShape(
+        query_tokens=q.query_tokens,
+        hidden=q.hidden,
+        layers=q.layers,
+        intermediate=q.intermediate,
+        encoder_width=speech + audio,
+        cross_attention_every=1,
+        speech_width=speech,
+        audio_width=audio,
+        llm_hidden=shape.llm.hidden,
+    )
+    with torch.device("meta"):
+        connector = SpeechConnector(sizes, windows, q.heads)
+    materialise(connector, device, dtype)
+    return _frozen(connector)
+
+
+def build_llm(shape: LlamaShape, spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """LlamaForCausalLM + LoRA (peft, via `llm.attach_lora`), quantised decoder layer by decoder layer.
+
+    The order is load_model's: bitsandbytes layers exist before LoRA is attached (as from_pretrained makes
+    them); optimum-quanto quantises after LoRA, keeping the adapter and lm_head in full precision.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantize import resolve_backend
+
+    from ..llm import quantize_base_layers
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(config)
+    llm.to(dtype)  # on meta: only the recorded dtype changes
+    backend = resolve_backend(spec, device.type)
+    if backend == "bitsandbytes":
+        for layer in llm.model.layers:
+            # on the host: bitsandbytes quantises a weight as it moves it to the GPU (Int8Params only then)
+            materialise(layer, torch.device("cpu"), dtype)
+            _to_bitsandbytes(layer, spec, device, dtype)
+            layer.to(device)  # the norms
+            release_freed_memory()
+        setattr(llm, f"is_loaded_in_{spec.mode}", True)  # what peft reads to wrap bitsandbytes layers
+        materialise(llm, device, dtype)  # embeddings, final norm, lm_head
+        llm = _with_lora(llm, shape, torch.device("cpu"))
+        return quantize_base_layers(llm, spec, device.type)  # bitsandbytes' CPU kernel steering only
+    llm = _with_lora(llm, shape, torch.device("meta"))
+    for layer in llm.base_model.model.model.layers:
+        materialise(layer, device, dtype)
+        if backend == "quanto":
+            quantize_base_layers(layer, spec, device.type)  # this layer only: its float copy is freed at once
+            release_freed_memory()
+    materialise(llm, device, dtype)
+    _reset_rotary(llm.base_model.model, device)
+    return llm
+
+
+def _with_lora(llm: nn.Module, shape: LlamaShape, device: torch.device) -> nn.Module:
+    """`attach_lora` with adapter tensors of the right shapes (meta ones are materialised later)."""
+    from ..checkpoint import LoraShape
+    from ..llm import LoraSpec, attach_lora
+
+    prefix = "base_model.model.model.layers.{}.self_attn.{}.lora_{}.default.weight"
+    h, r = shape.hidden, shape.lora_rank
+    lora = {}
+    for i in range(shape.layers):
+        for target in LORA_TARGETS:
+            lora[prefix.format(i, target, "A")] = torch.zeros(r, h, device=device)
+            lora[prefix.format(i, target, "B")] = torch.zeros(h, r, device=device)
+    spec = LoraSpec(LoraShape(shape.lora_rank, LORA_TARGETS, shape.layers))
+    wrapped = attach_lora(llm, spec, lora, path=_RANDOM)
+    if device.type != "meta":
+        for name, param in wrapped.named_parameters():
+            if ".lora_" in name:
+                _fill(param.data, name)
+        _reset_rotary(wrapped.base_model.model, next(wrapped.parameters()).device)
+    return wrapped
+
+
+def _to_bitsandbytes(layer: nn.Module, spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> None:
+    """Replace every nn.Linear of one decoder layer by its bitsandbytes NF4 / LLM.int8 form (as from_pretrained)."""
+    import bitsandbytes as bnb
+
+    for parent in list(layer.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            size = (child.in_features, child.out_features)
+            weight = child.weight.data
+            if spec.mode == "4bit":
+                new = bnb.nn.Linear4bit(*size, bias=False, compute_dtype=dtype, quant_type="nf4", device="meta")
+                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
+            else:
+                new = bnb.nn.Linear8bitLt(*size, bias=False, has_fp16_weights=False, threshold=6.0, device="meta")
+                new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            new.weight = new.weight.to(device)  # bitsandbytes quantises on this move
+            if child.bias is not None:
+                new.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, new)
+
+
+def materialise(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every meta parameter / buffer under `module` memory on `device` and small random values.
+
+    Module by module (`to_empty(recurse=False)`), so only what is being materialised is allocated.
+    """
+    for name, sub in _modules_on_meta(module):
+        for tensor in _own_tensors(sub).values():
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(dtype)  # still on meta: free
+        sub.to_empty(device=device, recurse=False)
+        for key, tensor in _own_tensors(sub).items():
+            _fill(tensor.data, f"{name}.{key}")
+
+
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+
+
+def _modules_on_meta(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, sub in module.named_modules():
+        if any(t.is_meta for t in _own_tensors(sub).values()):
+            yield name, sub
+
+
+@torch.no_grad()
+def _fill(tensor: torch.Tensor, name: str) -> None:
+    """Norm weights 1, biases 0, others uniform with std ~ 1/sqrt(fan_in): activations stay finite in fp16."""
+    if not tensor.is_floating_point():
+        tensor.zero_()
+    elif name.endswith("bias") or name.endswith("lora_B.default.weight"):
+        tensor.zero_()  # LoRA B starts at zero, as peft initialises it
+    elif tensor.dim() == 1 or "norm" in name.lower() or name.endswith(("weight_g", "grep_a")):
+        tensor.fill_(1.0)
+    else:
+        fan_in = tensor[0].numel() if tensor.dim() > 1 else tensor.numel()
+        bound = math.sqrt(3.0 / max(fan_in, 1))  # uniform: 4x faster than normal_ on CPU
+        tensor.uniform_(-bound, bound)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed on the host back to the OS (glibc `malloc_trim`; elsewhere nothing).
+
+    Why: glibc raises its mmap threshold after a large free (up to 32 MB), so the next layers' float copies
+    come from the heap and, freed, stay resident: measured 2.6x the int4 size for a 4-layer 1024-wide LLaMA
+    built layer by layer, 1.07x with a trim after each layer.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
+
+
+def _reset_rotary(llama: nn.Module, device: torch.device) -> None:
+    """Recompute LLaMA's rotary inverse frequencies: computed at construction, so garbage after `to_empty`."""
+    rotary = llama.model.rotary_emb
+    with torch.device(device):  # transformers 5 builds the buffer on the default device
+        llama.model.rotary_emb = type(rotary)(llama.config)
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()

@@ -1,0 +1,209 @@
+"""Timed measurements of one loaded model: stages, time to first token, decode speed, `ask`, long audio.
+
+Each measurement is a function `(Bench) -> dict`, registered in MEASUREMENTS under the name it has in the
+JSON and the table. Every timed value runs `warmup` untimed times, then `repeat` timed times (a `Stat`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..audio import SAMPLE_RATE, WINDOW_SAMPLES, WINDOW_SECONDS
+from ..generate import DecodeOptions
+from ..prompt import transcribe_instruction
+from .results import MEASUREMENT_NAMES, BenchOptions, Stat
+
+try:  # the long-audio segmenter is optional: fixed 30 s windows without it
+    from ..segment import plan_segments, segment_audio
+except ImportError:  # pragma: no cover - depends on the checkout
+    plan_segments = segment_audio = None
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What every measurement gets: the model, the options, and a timer honouring warm-up and repeats."""
+
+    model: Any
+    options: BenchOptions
+
+    @property
+    def prompt(self) -> str:
+        return transcribe_instruction("en")
+
+    def sync(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)  # time the GPU's work, not its queueing
+
+    def time(self, fn: Callable[[], Any]) -> Stat:
+        for _ in range(self.options.warmup):
+            fn()
+        runs = []
+        for _ in range(self.options.repeat):
+            self.sync()
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            runs.append(time.perf_counter() - start)
+        return Stat.of(runs)
+
+    def exactly(self, count: int, num_beams: int) -> DecodeOptions:
+        """Decoding that produces exactly `count` tokens: eos is held off by min_length."""
+        return DecodeOptions(max_new_tokens=count, num_beams=num_beams, min_length=count + 1)
+
+
+def synthetic_audio(seconds: float, seed: int = 0) -> np.ndarray:
+    """Tones and noise bursts of 2-6 s separated by 0.4 s pauses, float32 16 kHz: something to segment and hear."""
+    rng = np.random.default_rng(seed)
+    parts, total = [], int(seconds * SAMPLE_RATE)
+    while sum(p.shape[0] for p in parts) < total:
+        t = np.arange(int(rng.uniform(2.0, 6.0) * SAMPLE_RATE)) / SAMPLE_RATE
+        if rng.random() < 0.5:
+            sound = 0.3 * np.sin(2 * np.pi * rng.uniform(150, 1500) * t)
+        else:
+            sound = 0.1 * rng.standard_normal(t.shape[0])
+        parts += [sound, np.zeros(int(0.4 * SAMPLE_RATE))]
+    return np.concatenate(parts)[:total].astype(np.float32)
+
+
+def segments_of(waveform: np.ndarray) -> tuple[str, list[np.ndarray]]:
+    """(segmenter name, clips of at most 30 s)."""
+    if plan_segments is not None:
+        segments = plan_segments(waveform, max_seconds=WINDOW_SECONDS, vad=False)
+        return "segment.plan_segments(vad=False)", [segment_audio(waveform, s) for s in segments]
+    return "fixed 30 s", [waveform[i : i + WINDOW_SAMPLES] for i in range(0, waveform.shape[0], WINDOW_SAMPLES)]
+
+
+class StepClock:
+    """Records when each LLM forward pass ends: the first is the prompt pass, each later one a decode step."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench, self.ends = bench, []
+        self._hook = bench.model.llm.register_forward_hook(self._record)
+
+    def _record(self, *_: Any) -> None:
+        self.bench.sync()
+        self.ends.append(time.perf_counter())
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+def _timed_steps(bench: Bench, run: Callable[[], Any]) -> tuple[list[float], list[float], list[float]]:
+    """(seconds to the end of the prompt pass, seconds of the whole call, seconds per decode step) per timed run."""
+    for _ in range(bench.options.warmup):
+        run()
+    firsts, totals, steps = [], [], []
+    clock = StepClock(bench)
+    try:
+        for _ in range(bench.options.repeat):
+            clock.ends.clear()
+            bench.sync()
+            start = time.perf_counter()
+            run()
+            bench.sync()
+            totals.append(time.perf_counter() - start)
+            firsts.append(clock.ends[0] - start)
+            steps.append((clock.ends[-1] - clock.ends[0]) / max(len(clock.ends) - 1, 1))
+    finally:
+        clock.close()
+    return firsts, totals, steps
+
+
+# -- measurements ------------------------------------------------------------------------------------------
+
+
+def measure_stages(bench: Bench) -> dict:
+    """Whisper (log-mel + encoder), BEATs (fbank + encoder) and the connector, for one 30 s clip."""
+    model, clip = bench.model, synthetic_audio(WINDOW_SECONDS, seed=1)
+    with torch.inference_mode():
+        speech = model.encode_speech(model.whisper_features(clip))
+        audio = model.encode_audio(model.beats_features(clip))
+        return {
+            "whisper_s": bench.time(lambda: model.encode_speech(model.whisper_features(clip))),
+            "beats_s": bench.time(lambda: model.encode_audio(model.beats_features(clip))),
+            "connector_s": bench.time(lambda: model.connector(speech, audio)),
+        }
+
+
+def measure_first_token(bench: Bench) -> dict:
+    """30 s of audio in -> first generated id out (encoders, connector, prompt pass, one greedy step)."""
+    clip = synthetic_audio(WINDOW_SECONDS, seed=2)
+    return {
+        "first_token_s": bench.time(lambda: bench.model.generate(clip, bench.prompt, max_new_tokens=1, num_beams=1))
+    }
+
+
+def _decode(bench: Bench, num_beams: int) -> dict:
+    """From audio tokens already computed: prompt pass, then decode steps timed one by one (eos held off)."""
+    model, n = bench.model, bench.options.new_tokens
+    tokens = model.audio_tokens(synthetic_audio(WINDOW_SECONDS, seed=3))
+    options = bench.exactly(n, num_beams)
+    firsts, totals, steps = _timed_steps(bench, lambda: model.answer(tokens, bench.prompt, options))
+    return {
+        "tokens": n,
+        "num_beams": num_beams,
+        "one_token_s": Stat.of(firsts),  # prompt pass: the first token
+        "all_tokens_s": Stat.of(totals),
+        "step_s": Stat.of(steps),  # one decode step: a token for each of the `num_beams` beams
+        "tokens_per_s": 1 / statistics.median(steps),
+    }
+
+
+def measure_decode(bench: Bench) -> dict:
+    """Greedy decoding speed: tokens per second after the prompt pass."""
+    return _decode(bench, num_beams=1)
+
+
+def measure_decode_beams(bench: Bench) -> dict:
+    """Beam search (`--num-beams`, the original's 4) speed: answer tokens (steps) per second."""
+    return _decode(bench, num_beams=bench.options.num_beams)
+
+
+def measure_ask(bench: Bench) -> dict:
+    """End to end, as `salmonn ask` runs: 30 s clip -> encoders -> beam search for `new_tokens` tokens."""
+    model, clip, n = bench.model, synthetic_audio(WINDOW_SECONDS, seed=5), bench.options.new_tokens
+    beams = bench.options.num_beams
+
+    def run() -> None:
+        model.generate(clip, bench.prompt, max_new_tokens=n, num_beams=beams, min_length=n + 1)
+
+    firsts, totals, steps = _timed_steps(bench, run)
+    return {"tokens": n, "num_beams": beams, "first_token_s": Stat.of(firsts), "total_s": Stat.of(totals)}
+
+
+def measure_long_audio(bench: Bench) -> dict:
+    """Audio seconds per wall second over a long file's segments, batch size 1 vs `batch_size`."""
+    opts = bench.options
+    waveform = synthetic_audio(opts.long_seconds, seed=4)
+    segmenter, clips = segments_of(waveform)
+    decode = {"max_new_tokens": opts.new_tokens, "num_beams": opts.num_beams}
+    runs = {}
+    for size in dict.fromkeys((1, opts.batch_size)):
+        wall = bench.time(lambda size=size: bench.model.generate_batch(clips, bench.prompt, batch_size=size, **decode))
+        runs[str(size)] = {"wall_s": wall, "audio_s_per_s": opts.long_seconds / wall.median}
+    speeds = [run["audio_s_per_s"] for run in runs.values()]
+    return {
+        "audio_s": opts.long_seconds,
+        "segments": len(clips),
+        "segmenter": segmenter,
+        "decode": decode,
+        "by_batch_size": runs,
+        "batch_speedup": speeds[-1] / speeds[0],
+    }
+
+
+MEASUREMENTS: dict[str, Callable[[Bench], dict]] = {
+    "stages": measure_stages,
+    "first_token": measure_first_token,
+    "decode": measure_decode,
+    "decode_beams": measure_decode_beams,
+    "ask": measure_ask,
+    "long_audio": measure_long_audio,
+}
+assert tuple(MEASUREMENTS) == MEASUREMENT_NAMES  # the light list the CLI options read

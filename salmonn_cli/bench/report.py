@@ -1,0 +1,139 @@
+"""Bench results as JSON, rich tables (one per run, one summary) and a markdown table for the README."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from .memory import GB
+from .results import Stat
+
+# summary columns: (header, how to read it from one run)
+_SUMMARY: tuple[tuple[str, Any], ...] = (
+    ("config", lambda r: r["config"]["label"]),
+    ("load s", lambda r: _num(r.get("load_s"), 1)),
+    ("host RSS peak loading GB", lambda r: _gb(_mem(r, "load_peak_rss_bytes"))),
+    ("model GB", lambda r: _gb(_mem(r, "model_bytes"))),
+    ("load RSS / model", lambda r: _num(_mem(r, "load_rss_over_model"), 2)),
+    ("GPU peak alloc / reserved GB", lambda r: _gpu(r)),
+    ("Whisper s", lambda r: _median(r, "stages", "whisper_s")),
+    ("BEATs s", lambda r: _median(r, "stages", "beats_s")),
+    ("connector s", lambda r: _median(r, "stages", "connector_s", digits=3)),
+    ("TTFT s", lambda r: _median(r, "first_token", "first_token_s")),
+    ("greedy tok/s", lambda r: _num((r.get("decode") or {}).get("tokens_per_s"), 2)),
+    ("beam-4 tok/s", lambda r: _num((r.get("decode_beams") or {}).get("tokens_per_s"), 2)),
+    ("ask s", lambda r: _median(r, "ask", "total_s")),
+    ("long audio x", lambda r: _long_audio(r)),
+)
+
+
+def jsonable(value: Any) -> Any:
+    """Stats and dataclasses become dicts, recursively."""
+    if isinstance(value, Stat):
+        return asdict(value)
+    if isinstance(value, dict):
+        return {key: jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    return value
+
+
+def _mem(run: dict, key: str) -> Any:
+    return (run.get("memory") or {}).get(key)
+
+
+def _num(value: Any, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _gb(value: Any) -> str:
+    return "" if value is None else f"{value / GB:.2f}"
+
+
+def _median(run: dict, group: str, key: str, digits: int = 2) -> str:
+    stat = (run.get(group) or {}).get(key)
+    if stat is None:
+        return ""
+    median = stat.median if isinstance(stat, Stat) else stat["median"]
+    return f"{median:.{digits}f}"
+
+
+def _gpu(run: dict) -> str:
+    peak = _mem(run, "gpu_peak")
+    return "" if not peak else f"{peak['allocated'] / GB:.2f} / {peak['reserved'] / GB:.2f}"
+
+
+def _long_audio(run: dict) -> str:
+    long = run.get("long_audio")
+    if not long:
+        return ""
+    return " / ".join(f"{size}: {item['audio_s_per_s']:.1f}" for size, item in long["by_batch_size"].items())
+
+
+def summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """(headers, one row per run); a run that failed or was skipped says why in its second cell."""
+    headers = [name for name, _ in _SUMMARY]
+    rows = []
+    for run in report["runs"]:
+        if "error" in run or "skipped" in run:
+            why = run.get("error") or f"skipped: {run['skipped']}"
+            rows.append([run["config"]["label"], why] + [""] * (len(headers) - 2))
+        else:
+            rows.append([read(run) for _, read in _SUMMARY])
+    return headers, rows
+
+
+def markdown(report: dict) -> str:
+    """The summary as a markdown table, with the machine it was measured on."""
+    headers, rows = summary_rows(report)
+    machine = report["machine"]
+    lines = [
+        f"Shape `{report['target']}` on {machine['description']}; {report['options_text']}.",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def print_tables(report: dict) -> None:
+    """One detailed table per run (median, min, max of every timed value), then the summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for run in report["runs"]:
+        if "error" in run or "skipped" in run:
+            continue
+        table = Table(title=f"SALMONN bench: {run['model']} {run['config']['label']}")
+        for column in ("measurement", "median", "min", "max"):
+            table.add_column(column, justify="left" if column == "measurement" else "right")
+        table.add_row("load_s", f"{run['load_s']:.3f}", "", "")
+        for key, value in run.items():
+            if key not in ("config", "memory", "model", "device", "dtype", "llm_dtype", "load_s"):
+                _rows(table, key, value)
+        console.print(table)
+    if report.get("cli_help_s"):
+        help_s = report["cli_help_s"]
+        console.print(f"salmonn --help: {help_s.median:.3f} s (min {help_s.min:.3f}, max {help_s.max:.3f})")
+    headers, rows = summary_rows(report)
+    table = Table(title=f"Summary: {report['target']} on {report['machine']['description']}")
+    table.add_column("")  # one column per configuration: narrow terminals still show every figure
+    for row in rows:
+        table.add_column(row[0], justify="right", overflow="fold")
+    for i, header in enumerate(headers[1:], start=1):
+        table.add_row(header, *(row[i] for row in rows))
+    console.print(table)
+
+
+def _rows(table, prefix: str, value: Any) -> None:
+    if isinstance(value, Stat):
+        table.add_row(prefix, f"{value.median:.4f}", f"{value.min:.4f}", f"{value.max:.4f}")
+    elif isinstance(value, dict) and set(value) == {"median", "min", "max", "runs"}:
+        table.add_row(prefix, f"{value['median']:.4f}", f"{value['min']:.4f}", f"{value['max']:.4f}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _rows(table, f"{prefix}.{key}", item)
+    elif isinstance(value, float):
+        table.add_row(prefix, f"{value:.2f}", "", "")
