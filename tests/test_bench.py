@@ -131,17 +131,26 @@ def test_layer_by_layer_builder_builds_the_analytic_parameter_count(quant):
 
 _BUILD_AND_MEASURE = textwrap.dedent(
     """
-    import json, sys, torch
+    import gc, json, sys, torch
+    from pathlib import Path
     from quantize import QuantSpec
     from salmonn_cli.bench.build import build_llm
-    from salmonn_cli.bench.memory import module_bytes, peak_rss_bytes, rss_bytes
+    from salmonn_cli.bench.memory import module_bytes
     from salmonn_cli.bench.shapes import LlamaShape
     mode, dtype = sys.argv[1], getattr(torch, sys.argv[2])
-    import optimum.quanto, peft  # imported before the baseline: the build is measured, not the imports
-    shape = LlamaShape(hidden=1024, layers=4, heads=8, intermediate=2816)
-    before = rss_bytes()
-    llm = build_llm(shape, QuantSpec.parse(mode, backend="quanto"), torch.device("cpu"), dtype)
-    print(json.dumps({"increase": peak_rss_bytes() - before, "size": module_bytes(llm)}))
+    spec = QuantSpec.parse(mode, backend="quanto")
+
+    def status_kib(field):  # Linux: VmRSS (now) / VmHWM (peak since the last reset), in KiB
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+
+    # a first, tiny build pays every lazy import and one-off allocation, so only the build itself is measured
+    build_llm(LlamaShape(hidden=64, layers=1, heads=2, intermediate=128), spec, torch.device("cpu"), dtype)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
+    before = status_kib("VmRSS")
+    llm = build_llm(LlamaShape(hidden=1024, layers=4, heads=8, intermediate=2816), spec, torch.device("cpu"), dtype)
+    print(json.dumps({"increase": status_kib("VmHWM") - before, "size": module_bytes(llm)}))
     """
 )
 
