@@ -121,3 +121,17 @@ def choose_cpu_mode(available_host_bytes: int, llm_params: int, encoder_params: 
         if needed * (1 + margin) <= available_host_bytes:
             return mode
     return "4bit"
+
+
+def available_host_bytes() -> int:
+    """Host memory a new allocation can use: MemAvailable from /proc/meminfo (Linux), else total physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, fields
 from importlib import metadata
 from pathlib import Path
 
+from quantize.memory import available_host_bytes
+
 from .memory import GB
 from .report import jsonable, markdown, print_tables
 from .results import MEASUREMENT_NAMES, BenchOptions, Stat
@@ -85,18 +87,6 @@ def host_estimate_bytes(args: argparse.Namespace, config: BenchConfig) -> int | 
         encoder_bytes=4,
         context_tokens=4 * (120 + args.new_tokens),  # 4 beams x (audio + prompt + answer)
     ).total_bytes
-
-
-def available_host_bytes() -> int:
-    """MemAvailable (Linux), else total memory."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def run_config(args: argparse.Namespace, config: BenchConfig, workdir: Path) -> dict:

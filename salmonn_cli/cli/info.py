@@ -106,13 +106,14 @@ def doctor(fmt: FormatOpt = "text") -> None:
     import torch
     from huggingface_hub import constants
 
+    from quantize.memory import available_host_bytes
+
     from ..hub import is_offline
     from ..model_file import builtin_models, load_model_spec
-    from .quant import _available_host_bytes
 
     gpus = _gpus()
     budget, where = (
-        (max(g["free_bytes"] for g in gpus), "free GPU memory") if gpus else (_available_host_bytes(), "host RAM")
+        (max(g["free_bytes"] for g in gpus), "free GPU memory") if gpus else (available_host_bytes(), "host RAM")
     )
     report = {
         "python": platform.python_version(),

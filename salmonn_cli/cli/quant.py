@@ -35,7 +35,7 @@ def pick_quantization(quant: str, backend: str, spec, device) -> QuantChoice:
 
 
 def _auto_mode(spec, device) -> str:
-    from quantize.memory import choose_cpu_mode, choose_mode
+    from quantize.memory import available_host_bytes, choose_cpu_mode, choose_mode
 
     sizes = spec.sizes
     encoders = sizes.whisper_encoder_params + sizes.beats_params + sizes.connector_params
@@ -44,18 +44,4 @@ def _auto_mode(spec, device) -> str:
 
         free_bytes, _ = torch.cuda.mem_get_info(device)
         return choose_mode(free_bytes, sizes.llm_params, encoders)
-    return choose_cpu_mode(_available_host_bytes(), sizes.llm_params, encoders)
-
-
-def _available_host_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux); elsewhere the total physical memory."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return choose_cpu_mode(available_host_bytes(), sizes.llm_params, encoders)
