@@ -13,6 +13,7 @@ import types
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .memory import release_freed_memory
 from .spec import QuantizationError, QuantSpec
 
 if TYPE_CHECKING:
@@ -159,12 +160,18 @@ def _bitsandbytes_cpu_shapes(model: "nn.Module") -> None:
 
 # -- optimum-quanto -------------------------------------------------------------------------------------------
 def _quanto(model: "nn.Module", mode: str, exclude: list[str]) -> None:
-    from optimum.quanto import QLinear, freeze, qint4, qint8, quantize
+    from optimum.quanto import QLinear, qint4, qint8, quantize
+    from optimum.quanto.nn import QModuleMixin
 
     unsafe = [name for name, module in model.named_modules() if _int8pack_unsafe(module, mode)]
     quantize(model, weights=qint8 if mode == "8bit" else qint4, exclude=exclude + unsafe or None)
-    freeze(model)  # quantise the weights now and drop the float copies
     for module in model.modules():
+        if not isinstance(module, QModuleMixin):
+            continue
+        # what `freeze(model)` does, one layer at a time: quantise the weight now and drop the float copy, then
+        # hand quanto's temporaries back to the OS before the next layer makes its own
+        module.freeze()
+        release_freed_memory()
         if isinstance(module, QLinear) and type(module.weight).__name__ == "WeightQBitsTensor":
             # optimum-quanto 0.2.7: its generic int4 weight cannot be used under torch.inference_mode ("Cannot set
             # version_counter for inference tensor"), which generation uses; step out of it for this one matmul.
@@ -175,8 +182,9 @@ def _quanto(model: "nn.Module", mode: str, exclude: list[str]) -> None:
 def _int8pack_unsafe(module: "nn.Module", mode: str) -> bool:
     """A bfloat16 Linear that quanto int8 would send to torch's int8pack kernel with a shape it mishandles.
 
-    torch 2.13's CPU `_weight_int8pack_mm` crashes (out_features 172) or returns wrong values (200) unless
-    out_features is a multiple of 16; published LLaMA shapes all are, tiny test models need not be.
+    torch 2.13's CPU `_weight_int8pack_mm` crashes (a dimension of 172) or returns wrong values (200, 24 or 8)
+    unless both in_features and out_features are multiples of 16; published LLaMA shapes all are, tiny test models
+    need not be.
     """
     import torch
 
@@ -185,7 +193,7 @@ def _int8pack_unsafe(module: "nn.Module", mode: str) -> bool:
         and isinstance(module, torch.nn.Linear)
         and module.weight.dtype == torch.bfloat16
         and module.weight.device.type == "cpu"
-        and module.out_features % 16 != 0
+        and (module.in_features % 16 != 0 or module.out_features % 16 != 0)
     )
 
 

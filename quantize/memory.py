@@ -135,3 +135,24 @@ def available_host_bytes() -> int:
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed on the host back to the OS (glibc `malloc_trim`; elsewhere nothing).
+
+    Why: glibc raises its mmap threshold after a large free (up to 32 MB), so later float copies come from the
+    heap and, freed, stay resident: measured 2.6x the int4 size for a 4-layer 1024-wide LLaMA built layer by
+    layer, 1.07x with a trim after each layer. Quantising three 1024x2816 bf16 Linear layers with quanto leaves
+    73 MB of such garbage for 17 MB of weights until the next trim.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)

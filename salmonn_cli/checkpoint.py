@@ -324,47 +324,90 @@ def read_whisper_encoder(folder: str | Path) -> dict[str, "torch.Tensor"]:
 
     Handles `model.safetensors` and `pytorch_model.bin`, single or sharded (with their index files).
     """
-    folder = Path(folder)
-    files = _weight_files(folder)
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        for key, tensor in _read_prefixed(file, _WHISPER_ENCODER_PREFIXES).items():
-            tensors[key] = tensor
+    weights = WeightFolder(folder)
+    tensors = {}
+    for key in weights.keys():
+        for prefix in _WHISPER_ENCODER_PREFIXES:
+            if key.startswith(prefix):
+                tensors[key[len(prefix) :]] = weights.get(key)
+                break
+    weights.close()
     if not tensors:
         raise CheckpointError("no Whisper encoder weights found (keys 'model.encoder.*' or 'encoder.*')", path=folder)
     return tensors
 
 
-def _weight_files(folder: Path) -> list[Path]:
+_INDEXES = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+class WeightFolder:
+    """The tensors of a Hugging Face model folder by key, read one at a time, with at most one shard open.
+
+    Safetensors and `pytorch_model.bin` (read memory-mapped, weights only), single or sharded with their index.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._file_of = _key_files(self.folder)
+        self._open: tuple[Path, object] | None = None
+
+    def keys(self) -> list[str]:
+        """Every key, shard by shard, so reading them in this order opens each shard once."""
+        return sorted(self._file_of, key=lambda key: self._file_of[key].name)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def get(self, key: str, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+        """A copy of the tensor `key` (in `dtype` if given) in memory of its own, not a view of the mapped file."""
+        file = self._file_of[key]
+        if self._open is None or self._open[0] != file:
+            self._open = None  # let the previous shard's mapping go first
+            self._open = (file, _open_weights(file))
+        handle = self._open[1]
+        tensor = handle.get_tensor(key) if file.suffix == ".safetensors" else handle[key]
+        wanted = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        return tensor.to(dtype=wanted, copy=True)
+
+    def close(self) -> None:
+        self._open = None
+
+
+def _key_files(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise CheckpointError("model folder not found", path=folder)
-    for index_name, single in (
-        ("model.safetensors.index.json", "model.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ):
+    for index_name, single in _INDEXES:
         index = folder / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = {f for k, f in weight_map.items() if k.startswith(_WHISPER_ENCODER_PREFIXES)}
-            return [folder / f for f in sorted(shards)]
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError):
+                raise CheckpointError("the shard index has no readable 'weight_map'", path=index) from None
+            return {key: folder / name for key, name in weight_map.items()}
         if (folder / single).is_file():
-            return [folder / single]
+            return dict.fromkeys(_file_keys(folder / single), folder / single)
     raise CheckpointError("no model.safetensors or pytorch_model.bin in folder", path=folder)
 
 
-def _read_prefixed(file: Path, prefixes: tuple[str, ...]) -> dict[str, "torch.Tensor"]:
-    def strip(key: str) -> str | None:
-        for prefix in prefixes:
-            if key.startswith(prefix):
-                return key[len(prefix) :]
-        return None
-
+def _open_weights(file: Path):
+    if not file.is_file():
+        raise CheckpointError("weight shard named by the index is missing", path=file)
     if file.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(file), framework="pt") as f:
-            return {s: f.get_tensor(k) for k in f.keys() if (s := strip(k)) is not None}
+        try:
+            return safe_open(str(file), framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"not a readable safetensors file ({exc})", path=file) from None
     state = torch_load(file)
     if not isinstance(state, Mapping):
         raise CheckpointError("expected a state dict", path=file)
-    return {s: v for k, v in state.items() if (s := strip(k)) is not None}
+    return state
+
+
+def _file_keys(file: Path) -> list[str]:
+    handle = _open_weights(file)
+    return list(handle.keys())

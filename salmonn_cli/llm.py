@@ -32,15 +32,30 @@ class LoraSpec:
     dropout: float = 0.1  # the original's; only active in training mode
 
 
-def load_language_model(
-    folder: str | Path, *, dtype: "torch.dtype", device: str, quantization_config=None
-) -> "nn.Module":
-    """LlamaForCausalLM from an HF folder (safetensors or .bin, sharded or not), frozen, in eval mode."""
-    from transformers import AutoModelForCausalLM
+def read_llm_config(folder: str | Path):
+    """The transformers config of an HF LLM folder; a missing or unreadable one is a CheckpointError."""
+    from transformers import AutoConfig
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError("LLM folder has no config.json", path=folder)
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the LLM's config: {exc}", path=folder) from None
+
+
+def load_language_model(
+    folder: str | Path, *, dtype: "torch.dtype", device: str, quantization_config=None
+) -> "nn.Module":
+    """LlamaForCausalLM from an HF folder (safetensors or .bin, sharded or not), frozen, in eval mode.
+
+    Holds the whole LLM in `dtype` while loading; `llm_stream.load_language_model_by_layer` does not.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    read_llm_config(folder)
     kwargs = {"dtype": dtype}
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, device_map={"": device})

@@ -66,7 +66,8 @@ def load_model(
     import torch
 
     from .checkpoint import load_strict, read_beats_checkpoint, read_salmonn_checkpoint
-    from .llm import LoraSpec, attach_lora, load_language_model, quantize_base_layers
+    from .llm import LoraSpec, attach_lora, load_language_model, quantize_base_layers, read_llm_config
+    from .llm_stream import load_language_model_by_layer
     from .model.beats import build_beats
     from .model.qformer import SpeechConnector, WindowSpec
     from .model.salmonn import SalmonnModel, SalmonnSettings
@@ -90,20 +91,24 @@ def load_model(
     load_strict(connector, ckpt.connector, path=ckpt.path, source_keys=ckpt.source_keys)
     connector = connector.to(device=torch_device, dtype=dtype).eval()
 
-    language_model = load_language_model(
-        paths.llm, dtype=llm_dtype, device=str(torch_device), quantization_config=llm_quantization
-    )
-    if language_model.config.hidden_size != shape.llm_hidden:
-        raise ShapeMismatchError(
-            f"projection outputs {shape.llm_hidden} features but the LLM is {language_model.config.hidden_size} wide"
-            " (is this the LLM the checkpoint was trained with?)",
-            path=ckpt.path,
-            key="speech_llama_proj.weight",
+    _check_llm_width(read_llm_config(paths.llm).hidden_size, shape.llm_hidden, ckpt.path)
+    lora_spec = LoraSpec(ckpt.lora_shape, trained_scale=lora_scale)
+    if spec.enabled and spec.backend_for(torch_device.type) == "quanto":  # quantised as each layer is read
+        language_model = load_language_model_by_layer(
+            paths.llm,
+            dtype=llm_dtype,
+            device=torch_device,
+            lora_spec=lora_spec,
+            lora=ckpt.lora,
+            lora_path=ckpt.path,
+            quantization=spec,
         )
-    language_model = attach_lora(
-        language_model, LoraSpec(ckpt.lora_shape, trained_scale=lora_scale), ckpt.lora, path=ckpt.path
-    )
-    language_model = quantize_base_layers(language_model, spec, torch_device.type)  # quanto: after LoRA
+    else:  # full precision, or bitsandbytes, which from_pretrained applies tensor by tensor
+        language_model = load_language_model(
+            paths.llm, dtype=llm_dtype, device=str(torch_device), quantization_config=llm_quantization
+        )
+        language_model = attach_lora(language_model, lora_spec, ckpt.lora, path=ckpt.path)
+        language_model = quantize_base_layers(language_model, spec, torch_device.type)  # bitsandbytes CPU kernels
     settings = SalmonnSettings(windows=windows, trained_lora_scale=lora_scale)
     if prompt_template is not None:
         settings = replace(settings, prompt_template=_checked_template(prompt_template))
@@ -117,6 +122,16 @@ def load_model(
         settings=settings,
     )
     return model.eval()
+
+
+def _check_llm_width(llm_width: int, projected_width: int, path: Path) -> None:
+    if llm_width != projected_width:
+        raise ShapeMismatchError(
+            f"projection outputs {projected_width} features but the LLM is {llm_width} wide"
+            " (is this the LLM the checkpoint was trained with?)",
+            path=path,
+            key="speech_llama_proj.weight",
+        )
 
 
 def _check_widths(shape, whisper_width: int, beats_width: int, path: Path) -> None:

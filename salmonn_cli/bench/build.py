@@ -1,11 +1,11 @@
 """Build a SALMONN of a named shape with random weights, one layer at a time.
 
 Every component is constructed on the meta device (no memory), then materialised module by module on the
-target device and, for the LLM, quantised decoder layer by decoder layer, so the host never holds more than
-the finished (quantised) model plus one full-precision decoder layer. The classes are the package's own
-(transformers' WhisperEncoder, our BEATs and SpeechConnector, LlamaForCausalLM + `llm.attach_lora`,
-`quantize` backends), assembled into the `SalmonnModel` the CLI runs; only the weights' values are random,
-which changes neither speed nor memory.
+target device and, for the LLM, quantised decoder layer by decoder layer (as `llm_stream` loads real weights), so
+the host never holds more than the finished (quantised) model plus one full-precision decoder layer.
+The classes are the package's own (transformers' WhisperEncoder, our BEATs and SpeechConnector,
+LlamaForCausalLM + `llm.attach_lora`, `quantize` backends), assembled into the `SalmonnModel` the CLI runs; only
+the weights' values are random, which changes neither speed nor memory.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from quantize.memory import release_freed_memory
+
+from ..llm_stream import reset_rotary
 from .codec import WordCodec
 from .shapes import LlamaShape, ModelShape
 
@@ -156,7 +159,7 @@ def build_llm(shape: LlamaShape, spec: QuantSpec, device: torch.device, dtype: t
             quantize_base_layers(layer, spec, device.type)  # this layer only: its float copy is freed at once
             release_freed_memory()
     materialise(llm, device, dtype)
-    _reset_rotary(llm.base_model.model, device)
+    reset_rotary(llm.base_model.model, device)
     return llm
 
 
@@ -178,7 +181,7 @@ def _with_lora(llm: nn.Module, shape: LlamaShape, device: torch.device) -> nn.Mo
         for name, param in wrapped.named_parameters():
             if ".lora_" in name:
                 _fill(param.data, name)
-        _reset_rotary(wrapped.base_model.model, next(wrapped.parameters()).device)
+        reset_rotary(wrapped.base_model.model, next(wrapped.parameters()).device)
     return wrapped
 
 
@@ -241,33 +244,6 @@ def _fill(tensor: torch.Tensor, name: str) -> None:
         fan_in = tensor[0].numel() if tensor.dim() > 1 else tensor.numel()
         bound = math.sqrt(3.0 / max(fan_in, 1))  # uniform: 4x faster than normal_ on CPU
         tensor.uniform_(-bound, bound)
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed on the host back to the OS (glibc `malloc_trim`; elsewhere nothing).
-
-    Why: glibc raises its mmap threshold after a large free (up to 32 MB), so the next layers' float copies
-    come from the heap and, freed, stay resident: measured 2.6x the int4 size for a 4-layer 1024-wide LLaMA
-    built layer by layer, 1.07x with a trim after each layer.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return
-    trim(0)
-
-
-def _reset_rotary(llama: nn.Module, device: torch.device) -> None:
-    """Recompute LLaMA's rotary inverse frequencies: computed at construction, so garbage after `to_empty`."""
-    rotary = llama.model.rotary_emb
-    with torch.device(device):  # transformers 5 builds the buffer on the default device
-        llama.model.rotary_emb = type(rotary)(llama.config)
 
 
 def _frozen(module: nn.Module) -> nn.Module:

@@ -1,0 +1,139 @@
+"""Load the LLM one decoder layer at a time, quantising each as it arrives (the optimum-quanto path).
+
+`from_pretrained` would hold the whole LLM in full precision before quanto could quantise it: 13.5 GB of bf16 for
+a 7B model that ends at 4 GB in int4. Here the LLM is built on the meta device, LoRA is attached there, and each
+decoder layer in turn takes its tensors from the folder, is quantised and gives its float copies back, so the host
+holds the finished model plus one full-precision layer. `bench.build` builds its random-weight shapes the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from quantize.memory import release_freed_memory
+
+from .checkpoint import WeightFolder, load_strict
+from .errors import CheckpointError, MissingKeyError, UnexpectedKeyError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .llm import LoraSpec
+
+# Saved by older transformers versions; recomputed from the config, so nothing is lost by not reading them.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_LAYERS = "model.layers."
+
+
+def load_language_model_by_layer(
+    folder: str | Path,
+    *,
+    dtype: "torch.dtype",
+    device: "torch.device",
+    lora_spec: "LoraSpec",
+    lora: Mapping[str, "torch.Tensor"],
+    lora_path: Path,
+    quantization,
+) -> "nn.Module":
+    """LlamaForCausalLM + the checkpoint's LoRA (peft), frozen and in eval mode, its base Linear layers quantised
+    under `quantization` (a `quantize.QuantSpec` applied after loading) one decoder layer at a time.
+
+    Every tensor of the folder is accounted for: a missing one or a misshapen one is a CheckpointError naming the
+    key as the folder writes it.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .llm import attach_lora, quantize_base_layers, read_llm_config
+
+    folder = Path(folder)
+    config = read_llm_config(folder)
+    weights = WeightFolder(folder)
+    with torch.device("meta"):
+        llama = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    llama.requires_grad_(False)
+    model = attach_lora(llama, lora_spec, lora, path=lora_path)  # on meta: shapes checked, nothing copied yet
+    read: set[str] = set()
+    for index, layer in enumerate(llama.model.layers):
+        prefix = f"{_LAYERS}{index}."
+        tensors = {name: _layer_tensor(weights, lora, prefix, name, read, dtype) for name in layer.state_dict()}
+        load_strict(layer, tensors, path=folder, source_keys=_file_names(prefix, tensors), assign=True)
+        del tensors
+        weights.close()  # unmap the shard: pages read from a memory-mapped .bin would otherwise stay resident
+        release_freed_memory()  # the file's own copies, freed as each was converted to `dtype`
+        layer.to(device)
+        quantize_base_layers(layer, quantization, device.type)  # this layer's float copies are freed now
+        release_freed_memory()
+    for name in _outer_modules(llama):
+        module = llama.get_submodule(name)
+        tensors = {key: _read(weights, f"{name}.{key}", read, dtype) for key in module.state_dict()}
+        load_strict(module, tensors, path=folder, source_keys={k: f"{name}.{k}" for k in tensors}, assign=True)
+        module.to(device)
+    if config.tie_word_embeddings:
+        llama.tie_weights()
+    weights.close()
+    _check_all_read(weights, read)
+    reset_rotary(llama, device)
+    _check_nothing_on_meta(model, folder)
+    return model.eval()
+
+
+def _layer_tensor(
+    weights: WeightFolder,
+    lora: Mapping[str, "torch.Tensor"],
+    prefix: str,
+    name: str,
+    read: set[str],
+    dtype: "torch.dtype",
+) -> "torch.Tensor":
+    if ".lora_" in name:
+        return lora[f"base_model.model.{prefix}{name}"]
+    return _read(weights, prefix + name.replace(".base_layer.", "."), read, dtype)
+
+
+def _file_names(prefix: str, tensors: Mapping[str, object]) -> dict[str, str]:
+    return {name: prefix + name.replace(".base_layer.", ".") for name in tensors if ".lora_" not in name}
+
+
+def _read(weights: WeightFolder, key: str, read: set[str], dtype: "torch.dtype") -> "torch.Tensor":
+    """The file's tensor `key` in the model's `dtype` (converted while copied out of the file: one copy, not two)."""
+    if key not in weights:
+        raise MissingKeyError("missing key in the LLM's weights", path=weights.folder, key=key)
+    read.add(key)
+    return weights.get(key, dtype)
+
+
+def _outer_modules(llama: "nn.Module") -> list[str]:
+    """The modules holding tensors outside the decoder layers (embeddings, final norm, output head)."""
+    names = []
+    for name, module in llama.named_modules():
+        if name.startswith(_LAYERS) or name == "model.layers":
+            continue
+        if any(True for _ in module.parameters(recurse=False)):
+            names.append(name)
+    tied = llama.config.tie_word_embeddings
+    return [n for n in names if not (tied and n == "lm_head")]
+
+
+def _check_all_read(weights: WeightFolder, read: set[str]) -> None:
+    for key in weights.keys():
+        if key not in read and not key.endswith(_IGNORED_SUFFIXES):
+            raise UnexpectedKeyError("unexpected key in the LLM's weights", path=weights.folder, key=key)
+
+
+def _check_nothing_on_meta(model: "nn.Module", folder: Path) -> None:
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"the LLM's {left[0]} was never loaded (not a LLaMA-style model?)", path=folder)
+
+
+def reset_rotary(llama: "nn.Module", device: "torch.device") -> None:
+    """Recompute LLaMA's rotary inverse frequencies: computed at construction, so absent when built on meta."""
+    import torch
+
+    rotary = llama.model.rotary_emb
+    with torch.device(device):  # transformers 5 builds the buffer on the default device
+        llama.model.rotary_emb = type(rotary)(llama.config)
