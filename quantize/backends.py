@@ -58,15 +58,16 @@ def resolve_backend(spec: QuantSpec | str | None, device_type: str) -> str | Non
 
 
 def llm_dtype(spec: QuantSpec | str | None, device_type: str, dtype: "torch.dtype") -> "torch.dtype":
-    """The dtype to load the LLM in under `spec`: `dtype`, except quanto int4 on CPU, which runs in bfloat16.
+    """The dtype to load the LLM in under `spec`: `dtype`, except quanto on CPU, which runs in bfloat16.
 
-    Why: quanto's fast CPU int4 kernel (TinyGemm) takes bfloat16 activations only; with float32 every int4 weight
-    is dequantised on every call (measured 4x slower: 1.6 vs 6.5 tok/s on a 0.2 B LLaMA, 2 cores).
+    Why: quanto's fast CPU kernels take bfloat16 activations only (TinyGemm for int4, torch's int8pack matmul for
+    int8); with float32 every weight is dequantised on every call. Measured on 2 cores: int4 1.6 vs 6.5 tok/s on a
+    0.2 B LLaMA; int8 0.06 vs 3.10 tok/s on the 7B shape (`scripts/bench.py`).
     """
     import torch
 
     spec = QuantSpec.parse(spec)
-    if spec.mode == "4bit" and spec.backend_for(device_type) == "quanto" and device_type == "cpu":
+    if spec.enabled and spec.backend_for(device_type) == "quanto" and device_type == "cpu":
         return torch.bfloat16 if dtype == torch.float32 else dtype
     return dtype
 

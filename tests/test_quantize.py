@@ -19,7 +19,7 @@ from tests.test_model import load, make_tiny
 
 COMBOS = [("bitsandbytes", "4bit"), ("bitsandbytes", "8bit"), ("quanto", "4bit"), ("quanto", "8bit")]
 # Bounds on first-step logits vs the unquantised tiny model. Measured: cosine 0.9954 / 0.99996 (bnb nf4 / int8),
-# 0.9958 / 0.99998 (quanto int4 in bf16 / int8); max |diff| / max |logit| 0.087 / 0.009, 0.098 / 0.005.
+# 0.9958 / 0.99997 (quanto int4 / int8, both in bf16); max |diff| / max |logit| 0.087 / 0.009, 0.100 / 0.008.
 MIN_COSINE = {"4bit": 0.98, "8bit": 0.999}
 MAX_RELATIVE = {"4bit": 0.25, "8bit": 0.03}
 PROMPT = "What do you hear?"
@@ -62,18 +62,31 @@ def quantised_class(backend: str, mode: str) -> type:
 
 
 # -- the quantised tiny model ------------------------------------------------------------------------------------
+def kept_in_bfloat16(backend: str, mode: str, linear: nn.Module) -> bool:
+    """quanto int8 in bfloat16 on CPU leaves Linear layers that torch's int8pack kernel mishandles (a dimension
+    not a multiple of 16: the tiny model's 172-wide MLP; no published LLaMA shape) unquantised."""
+    return backend == "quanto" and mode == "8bit" and (linear.in_features % 16 or linear.out_features % 16) != 0
+
+
 def test_llm_base_layers_are_quantised_and_the_rest_is_not(quantised):
     backend, mode, model = quantised
     cls = quantised_class(backend, mode)
     llama = model.llm.get_base_model()
     layers = llama.model.layers
+    kept = 0
     for layer in layers:
-        for linear in (layer.self_attn.k_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj):
-            assert isinstance(linear, cls)
+        mlp = layer.mlp
+        for linear in (layer.self_attn.k_proj, layer.self_attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            if kept_in_bfloat16(backend, mode, linear):
+                assert type(linear) is nn.Linear and linear.weight.dtype == torch.bfloat16
+                kept += 1
+            else:
+                assert isinstance(linear, cls)
         for adapted in (layer.self_attn.q_proj, layer.self_attn.v_proj):  # peft lora.Linear over a quantised base
             assert isinstance(adapted.base_layer, cls)
             assert type(adapted.lora_A["default"]) is nn.Linear and type(adapted.lora_B["default"]) is nn.Linear
-    assert len(quantize.quantized_layers(model.llm)) == 7 * len(layers)
+    assert kept == (3 * len(layers) if (backend, mode) == ("quanto", "8bit") else 0)  # gate, up: 64->172, down
+    assert len(quantize.quantized_layers(model.llm)) == 7 * len(layers) - kept
     assert type(llama.lm_head) is nn.Linear
     for part in (model.whisper, model.beats, model.connector):
         assert quantize.quantized_layers(part) == []
@@ -135,9 +148,10 @@ def test_bitsandbytes_config_is_the_qlora_standard():
     assert llm_quantization_config("4bit", "cpu") is None and llm_quantization_config("none", "cuda") is None
 
 
-def test_llm_dtype_is_bfloat16_only_for_quanto_int4_on_cpu():
+def test_llm_dtype_is_bfloat16_only_for_quanto_on_cpu():
     assert llm_dtype("4bit", "cpu", torch.float32) == torch.bfloat16
-    assert llm_dtype("8bit", "cpu", torch.float32) == torch.float32
+    assert llm_dtype("8bit", "cpu", torch.float32) == torch.bfloat16
+    assert llm_dtype(QuantSpec("8bit", "bitsandbytes"), "cpu", torch.float32) == torch.float32
     assert llm_dtype(QuantSpec("4bit", "bitsandbytes"), "cpu", torch.float32) == torch.float32
     assert llm_dtype("4bit", "cuda", torch.float16) == torch.float16
     assert llm_dtype("none", "cpu", torch.float32) == torch.float32
