@@ -88,7 +88,7 @@ def markdown(report: dict) -> str:
     headers, rows = summary_rows(report)
     machine = report["machine"]
     lines = [
-        f"Shape `{report['target']}` on {machine['description']}; {report['options_text']}.",
+        f"Model `{report['target']}` on {machine['description']}; {report['options_text']}.",
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "|".join("---" for _ in headers) + "|",
