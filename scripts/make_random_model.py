@@ -33,7 +33,7 @@ sys.path.insert(0, str(SCRIPTS))  # for make_tiny_model, whose formats, BEATs te
 import make_tiny_model as tiny  # noqa: E402
 
 from quantize.memory import release_freed_memory  # noqa: E402
-from salmonn_cli.bench.build import build_connector, build_whisper, materialise  # noqa: E402
+from salmonn_cli.bench.build import build_connector, build_whisper, llama_config, materialise  # noqa: E402
 from salmonn_cli.bench.shapes import SHAPES, ModelShape  # noqa: E402
 from salmonn_cli.checkpoint import salmonn_state_dict  # noqa: E402
 
@@ -111,23 +111,8 @@ def write_llama_tokenizer(out: Path, vocab: int) -> None:
 
 
 def llm_config(shape: ModelShape):
-    from transformers import LlamaConfig
-
-    llm = shape.llm
-    config = LlamaConfig(  # bench.build.build_llm's, plus Vicuna's special ids
-        vocab_size=llm.vocab,
-        hidden_size=llm.hidden,
-        intermediate_size=llm.intermediate,
-        num_hidden_layers=llm.layers,
-        num_attention_heads=llm.heads,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        hidden_act="silu",
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    """The bench builder's Vicuna config, saved as Vicuna's: float16 LlamaForCausalLM."""
+    config = llama_config(shape.llm)
     config.architectures = ["LlamaForCausalLM"]
     config.dtype = torch.float16  # Vicuna ships float16 weights
     return config
@@ -199,29 +184,8 @@ def make_checkpoint(path: Path, shape: ModelShape, seed: int) -> int:
 # ---------------------------------------------------------------- model file
 def write_model_file(out: Path, shape: ModelShape, sizes: dict[str, int]) -> None:
     """OUT/model.toml in make_tiny_model's format (local paths, settings, parameter counts)."""
-    settings = {
-        "second_per_window": SECOND_PER_WINDOW,
-        "second_stride": SECOND_PER_WINDOW,
-        "qformer_heads": shape.qformer.heads,  # in no tensor
-        "lora_scale": 4.0,  # the published lora_alpha / r (32 / 8)
-        "prompt_template": "USER: {}\nASSISTANT:",
-    }
-    lines = [
-        f'name = "{shape.name}-random"',
-        f'description = "{shape.name} shape with random weights from scripts/make_random_model.py (for benchmarks)"',
-        "",
-        'whisper = { path = "whisper" }',
-        'beats = { path = "beats.pt" }',
-        'llm = { path = "llm" }',
-        'checkpoint = { path = "salmonn.pth" }',
-        "",
-        "[settings]",
-        *(f"{k} = {json.dumps(v)}" for k, v in settings.items()),  # a JSON string/number is valid TOML here
-        "",
-        "[sizes]",
-        *(f"{k} = {v}" for k, v in sizes.items()),
-    ]
-    (out / "model.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    description = f"{shape.name} shape with random weights from scripts/make_random_model.py (for benchmarks)"
+    tiny.write_model_toml(out, f"{shape.name}-random", description, tiny.model_settings(shape.qformer.heads), sizes)
 
 
 # ---------------------------------------------------------------- checks before writing

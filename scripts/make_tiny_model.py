@@ -425,16 +425,27 @@ def write_model_file(out: Path, s: TinySizes, beats_sd: dict, salmonn_sd: dict):
         "beats_params": sum(v.numel() for v in beats_sd.values()),
         "connector_params": connector,
     }
-    settings = {
+    settings = model_settings(s.qformer_heads)  # in no tensor: the tiny Q-Former is built with this many heads
+    description = "tiny random SALMONN components from scripts/make_tiny_model.py (for tests)"
+    write_model_toml(out, "tiny", description, settings, sizes)
+
+
+def model_settings(qformer_heads: int) -> dict:
+    """The [settings] of a model file: the original's windows and prompt, the published LoRA scale."""
+    return {
         "second_per_window": 0.333333,
         "second_stride": 0.333333,
-        "qformer_heads": s.qformer_heads,  # in no tensor: the tiny Q-Former is built with this many heads
-        "lora_scale": 4.0,  # the published lora_alpha / r (32 / 8); the tiny LoRA weights are random
+        "qformer_heads": qformer_heads,
+        "lora_scale": 4.0,  # the published lora_alpha / r (32 / 8); these LoRA weights are random
         "prompt_template": "USER: {}\nASSISTANT:",
     }
+
+
+def write_model_toml(out: Path, name: str, description: str, settings: dict, sizes: dict) -> None:
+    """OUT/model.toml naming the four components in OUT by their standard local paths."""
     lines = [
-        'name = "tiny"',
-        'description = "tiny random SALMONN components from scripts/make_tiny_model.py (for tests)"',
+        f"name = {json.dumps(name)}",
+        f"description = {json.dumps(description)}",
         "",
         'whisper = { path = "whisper" }',
         'beats = { path = "beats.pt" }',

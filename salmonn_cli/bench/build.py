@@ -121,24 +121,14 @@ def build_llm(shape: LlamaShape, spec: QuantSpec, device: torch.device, dtype: t
     The order is load_model's: bitsandbytes layers exist before LoRA is attached (as from_pretrained makes
     them); optimum-quanto quantises after LoRA, keeping the adapter and lm_head in full precision.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from quantize import resolve_backend
 
     from ..llm import quantize_base_layers
 
-    config = LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    )
     with torch.device("meta"):
-        llm = LlamaForCausalLM(config)
+        llm = LlamaForCausalLM(llama_config(shape))
     llm.to(dtype)  # on meta: only the recorded dtype changes
     backend = resolve_backend(spec, device.type)
     if backend == "bitsandbytes":
@@ -161,6 +151,26 @@ def build_llm(shape: LlamaShape, spec: QuantSpec, device: torch.device, dtype: t
     materialise(llm, device, dtype)
     reset_rotary(llm.base_model.model, device)
     return llm
+
+
+def llama_config(shape: LlamaShape):
+    """Vicuna's LlamaConfig with the sizes of `shape` (special ids <unk> 0, <s> 1, </s> 2)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 def _with_lora(llm: nn.Module, shape: LlamaShape, device: torch.device) -> nn.Module:
