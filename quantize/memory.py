@@ -116,7 +116,7 @@ def choose_cpu_mode(available_host_bytes: int, llm_params: int, encoder_params: 
     quantisation only buys memory, and is chosen only when memory asks for it. Precision is kept when it fits.
     """
     for mode in MODES:
-        full = 4 if mode in ("none", "8bit") else 2  # the dtype load_model runs the LLM in on CPU (quanto int4: bf16)
+        full = 4 if mode == "none" else 2  # the dtype load_model runs the LLM in on CPU (quanto: bf16)
         needed = estimate_memory(llm_params, encoder_params, mode, full_bytes=full, encoder_bytes=4).total_bytes
         if needed * (1 + margin) <= available_host_bytes:
             return mode
