@@ -56,10 +56,10 @@ def load_language_model_by_layer(
         llama = AutoModelForCausalLM.from_config(config, dtype=dtype)
     llama.requires_grad_(False)
     model = attach_lora(llama, lora_spec, lora, path=lora_path)  # on meta: shapes checked, nothing copied yet
-    read: set[str] = set()
+    _check_keys(weights, _file_keys_of(llama))  # before any tensor is read: a wrong folder fails at once
     for index, layer in enumerate(llama.model.layers):
         prefix = f"{_LAYERS}{index}."
-        tensors = {name: _layer_tensor(weights, lora, prefix, name, read, dtype) for name in layer.state_dict()}
+        tensors = {name: _layer_tensor(weights, lora, prefix, name, dtype) for name in layer.state_dict()}
         load_strict(layer, tensors, path=folder, source_keys=_file_names(prefix, tensors), assign=True)
         del tensors
         weights.close()  # unmap the shard: pages read from a memory-mapped .bin would otherwise stay resident
@@ -69,13 +69,12 @@ def load_language_model_by_layer(
         release_freed_memory()
     for name in _outer_modules(llama):
         module = llama.get_submodule(name)
-        tensors = {key: _read(weights, f"{name}.{key}", read, dtype) for key in module.state_dict()}
+        tensors = {key: weights.get(f"{name}.{key}", dtype) for key in module.state_dict()}
         load_strict(module, tensors, path=folder, source_keys={k: f"{name}.{k}" for k in tensors}, assign=True)
         module.to(device)
     if config.tie_word_embeddings:
         llama.tie_weights()
     weights.close()
-    _check_all_read(weights, read)
     reset_rotary(llama, device)
     _check_nothing_on_meta(model, folder)
     return model.eval()
@@ -86,24 +85,39 @@ def _layer_tensor(
     lora: Mapping[str, "torch.Tensor"],
     prefix: str,
     name: str,
-    read: set[str],
     dtype: "torch.dtype",
 ) -> "torch.Tensor":
+    """The tensor `name` of one decoder layer: LoRA's from the checkpoint, the rest from the folder in `dtype`
+    (converted as it is copied out of the file: one copy, not two)."""
     if ".lora_" in name:
         return lora[f"base_model.model.{prefix}{name}"]
-    return _read(weights, prefix + name.replace(".base_layer.", "."), read, dtype)
+    return weights.get(_file_key(prefix + name), dtype)
+
+
+def _file_key(name: str) -> str:
+    """The folder's name for a base-model tensor under peft (which inserts `.base_layer` into adapted Linears)."""
+    return name.replace(".base_layer.", ".")
 
 
 def _file_names(prefix: str, tensors: Mapping[str, object]) -> dict[str, str]:
-    return {name: prefix + name.replace(".base_layer.", ".") for name in tensors if ".lora_" not in name}
+    return {name: _file_key(prefix + name) for name in tensors if ".lora_" not in name}
 
 
-def _read(weights: WeightFolder, key: str, read: set[str], dtype: "torch.dtype") -> "torch.Tensor":
-    """The file's tensor `key` in the model's `dtype` (converted while copied out of the file: one copy, not two)."""
-    if key not in weights:
-        raise MissingKeyError("missing key in the LLM's weights", path=weights.folder, key=key)
-    read.add(key)
-    return weights.get(key, dtype)
+def _file_keys_of(llama: "nn.Module") -> set[str]:
+    """The keys the folder must hold for `llama` (peft-wrapped, on meta): all but LoRA's and a tied head."""
+    tied = llama.config.tie_word_embeddings
+    keys = {_file_key(k) for k in llama.state_dict() if ".lora_" not in k}
+    return keys - {"lm_head.weight"} if tied else keys
+
+
+def _check_keys(weights: WeightFolder, expected: set[str]) -> None:
+    for key in sorted(expected):
+        if key not in weights:
+            raise MissingKeyError("missing key in the LLM's weights", path=weights.folder, key=key)
+    for key in weights.keys():
+        # a tied head may still be saved; the copy is not read, the embedding table stands for it
+        if key not in expected and not key.endswith(_IGNORED_SUFFIXES) and key != "lm_head.weight":
+            raise UnexpectedKeyError("unexpected key in the LLM's weights", path=weights.folder, key=key)
 
 
 def _outer_modules(llama: "nn.Module") -> list[str]:
@@ -116,12 +130,6 @@ def _outer_modules(llama: "nn.Module") -> list[str]:
             names.append(name)
     tied = llama.config.tie_word_embeddings
     return [n for n in names if not (tied and n == "lm_head")]
-
-
-def _check_all_read(weights: WeightFolder, read: set[str]) -> None:
-    for key in weights.keys():
-        if key not in read and not key.endswith(_IGNORED_SUFFIXES):
-            raise UnexpectedKeyError("unexpected key in the LLM's weights", path=weights.folder, key=key)
 
 
 def _check_nothing_on_meta(model: "nn.Module", folder: Path) -> None:
