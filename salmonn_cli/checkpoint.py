@@ -353,6 +353,7 @@ class WeightFolder:
         self.folder = Path(folder)
         self._file_of = _key_files(self.folder)
         self._open: tuple[Path, object] | None = None
+        self.opened = 0  # how many times a shard was opened (re-reading a legacy pickle is costly)
 
     def keys(self) -> list[str]:
         """Every key, shard by shard, so reading them in this order opens each shard once."""
@@ -367,6 +368,7 @@ class WeightFolder:
         if self._open is None or self._open[0] != file:
             self._open = None  # let the previous shard's mapping go first
             self._open = (file, _open_weights(file))
+            self.opened += 1
         handle = self._open[1]
         tensor = handle.get_tensor(key) if file.suffix == ".safetensors" else handle[key]
         wanted = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
@@ -374,6 +376,12 @@ class WeightFolder:
 
     def close(self) -> None:
         self._open = None
+
+    def unmap(self) -> None:
+        """Let go of the open shard if it is memory-mapped, so the pages read from it stop counting as resident;
+        reopening it costs only its header. A legacy (non-zip) pickle is in memory whole and stays open."""
+        if self._open is not None and _memory_mapped(self._open[0]):
+            self._open = None
 
 
 def _key_files(folder: Path) -> dict[str, Path]:
@@ -406,6 +414,10 @@ def _open_weights(file: Path):
     if not isinstance(state, Mapping):
         raise CheckpointError("expected a state dict", path=file)
     return state
+
+
+def _memory_mapped(file: Path) -> bool:
+    return file.suffix == ".safetensors" or zipfile.is_zipfile(file)  # torch_load maps zip archives
 
 
 def _file_keys(file: Path) -> list[str]:

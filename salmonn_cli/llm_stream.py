@@ -62,7 +62,7 @@ def load_language_model_by_layer(
         tensors = {name: _layer_tensor(weights, lora, prefix, name, dtype) for name in layer.state_dict()}
         load_strict(layer, tensors, path=folder, source_keys=_file_names(prefix, tensors), assign=True)
         del tensors
-        weights.close()  # unmap the shard: pages read from a memory-mapped .bin would otherwise stay resident
+        weights.unmap()  # pages read from a mapped shard would otherwise stay resident until the end
         release_freed_memory()  # the file's own copies, freed as each was converted to `dtype`
         layer.to(device)
         quantize_base_layers(layer, quantization, device.type)  # this layer's float copies are freed now

@@ -106,6 +106,25 @@ def test_weight_folder_lists_keys_shard_by_shard(tmp_path):
     assert torch.equal(copy, load_file(str(folder / index[key]))[key].to(torch.bfloat16))
 
 
+def test_a_legacy_pickle_shard_is_read_once_and_gives_the_same_model(tmp_path, checkpoint, monkeypatch):
+    folder = tmp_path / "legacy"
+    shutil.copytree(COMPONENTS / "llm", folder)
+    state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)  # torch < 1.6's format
+    opened = []
+    original_init = WeightFolder.__init__
+
+    def remember(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(WeightFolder, "__init__", remember)
+    model = stream(folder, checkpoint, "4bit")
+    assert torch.equal(logits(model), logits(stream(COMPONENTS / "llm", checkpoint, "4bit")))
+    assert opened[0].opened == 1  # not once per decoder layer: the whole pickle is read each time it is opened
+    assert opened[1].opened == 1 + len(model.base_model.model.model.layers)  # a zip archive: reopened per layer
+
+
 def test_a_missing_llm_tensor_is_named(tmp_path, checkpoint):
     folder = safetensors_copy(tmp_path)
     state = load_file(str(folder / "model.safetensors"))
