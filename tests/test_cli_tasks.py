@@ -14,6 +14,8 @@ import soundfile as sf
 
 import salmonn_cli
 
+from .signals import default_sigint
+
 FAST = ["--device", "cpu", "--quant", "none", "--beams", "1", "--max-new-tokens", "4"]
 
 
@@ -185,6 +187,7 @@ def test_ctrl_c_exits_130_without_a_traceback(tiny, clips):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     try:
         seen = []

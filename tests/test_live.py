@@ -30,6 +30,7 @@ from salmonn_cli.errors import DependencyError, UsageError
 from salmonn_cli.live.loop import LiveConfig, LiveHooks, run_live
 from salmonn_cli.live.segmenter import UtteranceSegmenter, WindowSegmenter
 from salmonn_cli.live.source import Block, CaptureSource, FileSource, MicSource, pick_settings, resolve_device
+from tests.signals import default_sigint
 from tests.speech import SENTENCES, make_speech_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +124,9 @@ def test_ctrl_c_exits_130_and_leaves_a_complete_transcript(model_args, tmp_path)
     path, transcript = tmp_path / "six.wav", tmp_path / "live.txt"
     make_speech_file(path, list(SENTENCES[4:10]), [0.8] * 5)
     command = live_command("--input", str(path), *model_args, "-f", "json", "--save", str(transcript))
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=default_sigint
+    )
     out: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stdout, out), daemon=True).start()
     try:
