@@ -10,6 +10,7 @@ from .backends import (
     llm_quantization_config,
     quantize_in_place,
     quantized_layers,
+    quiet_bitsandbytes,
     resolve_backend,
 )
 from .memory import MemoryEstimate, choose_cpu_mode, choose_mode, estimate_memory
@@ -23,6 +24,7 @@ __all__ = [
     "llm_dtype",
     "quantize_in_place",
     "quantized_layers",
+    "quiet_bitsandbytes",
     "resolve_backend",
     "MemoryEstimate",
     "estimate_memory",

@@ -79,7 +79,7 @@ def llm_quantization_config(spec: QuantSpec | str | None, device_type: str, comp
     CPU); 8bit = LLM.int8. optimum-quanto returns None here — see `quantize_in_place` — but is still checked to
     be installed, so a missing library fails before anything heavy is loaded.
     """
-    _quiet_bitsandbytes()  # even at full precision: peft imports bitsandbytes whenever it is installed
+    quiet_bitsandbytes()  # even at full precision: peft imports bitsandbytes whenever it is installed
     backend = resolve_backend(spec, device_type)
     if backend != "bitsandbytes":
         return None
@@ -142,7 +142,8 @@ class _DropMessages(logging.Filter):
 _DROP = _DropMessages()
 
 
-def _quiet_bitsandbytes() -> None:
+def quiet_bitsandbytes() -> None:
+    """Drop bitsandbytes' log lines that say nothing a user can act on; call it before peft imports bitsandbytes."""
     for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
         logger = logging.getLogger(name)
         if _DROP not in logger.filters:

@@ -351,9 +351,9 @@ class WeightFolder:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self._file_of = _key_files(self.folder)
         self._open: tuple[Path, object] | None = None
         self.opened = 0  # how many times a shard was opened (re-reading a legacy pickle is costly)
+        self._file_of = self._key_files()
 
     def keys(self) -> list[str]:
         """Every key, shard by shard, so reading them in this order opens each shard once."""
@@ -383,21 +383,24 @@ class WeightFolder:
         if self._open is not None and _memory_mapped(self._open[0]):
             self._open = None
 
-
-def _key_files(folder: Path) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise CheckpointError("model folder not found", path=folder)
-    for index_name, single in _INDEXES:
-        index = folder / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError, TypeError):
-                raise CheckpointError("the shard index has no readable 'weight_map'", path=index) from None
-            return {key: folder / name for key, name in weight_map.items()}
-        if (folder / single).is_file():
-            return dict.fromkeys(_file_keys(folder / single), folder / single)
-    raise CheckpointError("no model.safetensors or pytorch_model.bin in folder", path=folder)
+    def _key_files(self) -> dict[str, Path]:
+        """Which file holds each key: from the shard index, or from the one file (kept open: it is read next)."""
+        folder = self.folder
+        if not folder.is_dir():
+            raise CheckpointError("model folder not found", path=folder)
+        for index_name, single in _INDEXES:
+            index = folder / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                except (ValueError, KeyError, TypeError):
+                    raise CheckpointError("the shard index has no readable 'weight_map'", path=index) from None
+                return {key: folder / name for key, name in weight_map.items()}
+            if (folder / single).is_file():
+                self._open = (folder / single, _open_weights(folder / single))
+                self.opened += 1
+                return dict.fromkeys(self._open[1].keys(), folder / single)
+        raise CheckpointError("no model.safetensors or pytorch_model.bin in folder", path=folder)
 
 
 def _open_weights(file: Path):
@@ -418,8 +421,3 @@ def _open_weights(file: Path):
 
 def _memory_mapped(file: Path) -> bool:
     return file.suffix == ".safetensors" or zipfile.is_zipfile(file)  # torch_load maps zip archives
-
-
-def _file_keys(file: Path) -> list[str]:
-    handle = _open_weights(file)
-    return list(handle.keys())

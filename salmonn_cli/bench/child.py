@@ -108,9 +108,9 @@ def _progress(request: dict, text: str) -> None:
 
 def _import_libraries(request: dict) -> None:
     """Import what loading needs before the load is timed: the load figures are the model's, not the imports'."""
-    from quantize import llm_quantization_config
+    from quantize import quiet_bitsandbytes
 
-    llm_quantization_config(None, "cpu")  # as load_model: quiets bitsandbytes' import-time lines before peft loads it
+    quiet_bitsandbytes()  # as load_model does, before peft imports bitsandbytes and it logs
     import peft  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
     from transformers.models.whisper import modeling_whisper  # noqa: F401
