@@ -10,12 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE = 16_000  # Hz: what Whisper and BEATs were trained on
-MIN_SECONDS = 1.0  # the original pads shorter audio with zeros up to one second
-WINDOW_SECONDS = 30.0  # Whisper's receptive field: the model hears at most this much at once
-MIN_SAMPLES = int(MIN_SECONDS * SAMPLE_RATE)
-WINDOW_SAMPLES = int(WINDOW_SECONDS * SAMPLE_RATE)
-
+from .errors import AudioError, DependencyError
+from .window import MIN_SAMPLES, SAMPLE_RATE, WINDOW_SAMPLES, WINDOW_SECONDS  # noqa: F401  (re-exported)
 
 # Containers and codecs libsndfile never reads: go straight to PyAV (soundfile would only fail slowly).
 PYAV_SUFFIXES = frozenset(
@@ -30,8 +26,6 @@ def load_audio(path: str | Path) -> np.ndarray:
     decoded with PyAV, an optional extra. Resampling uses soxr (HQ) in both cases.
     Raises AudioError for a missing, unreadable or empty file, DependencyError when PyAV is needed but missing.
     """
-    from .errors import AudioError
-
     path = Path(path)
     if not path.exists() or path.is_dir():  # not is_file(): named pipes and /dev/fd/N streams are welcome
         raise AudioError(f"audio file not found: {path}")
@@ -57,8 +51,6 @@ def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
     """(samples (T, channels) float32, rate Hz) via soundfile; AudioError when libsndfile cannot read it."""
     import soundfile as sf
 
-    from .errors import AudioError
-
     try:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, channels)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
@@ -69,8 +61,6 @@ def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
 
 def _soundfile_reason(path: Path) -> str:
     """libsndfile's one-line reason for not reading `path` (the clearer message when PyAV fails too)."""
-    from .errors import AudioError
-
     try:
         _read_soundfile(path)
     except AudioError as exc:
@@ -91,8 +81,6 @@ def _import_av(path: Path):
     try:
         import av
     except ImportError:
-        from .errors import DependencyError
-
         kind = f"{path.suffix.lower()} files" if path.suffix else f"{path.name}"
         raise DependencyError(f"reading {kind} needs PyAV: pip install av") from None
     return av
@@ -105,8 +93,6 @@ def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
     the caller, exactly as for soundfile, so both paths give the same result for the same audio.
     """
     av = _import_av(path)
-    from .errors import AudioError
-
     chunks: list[np.ndarray] = []  # each (channels, n)
     rate = 0
     try:
@@ -132,8 +118,6 @@ def duration_seconds(path: str | Path) -> float | None:
 
     For progress and ETA only: compressed formats may differ from the decoded length by codec padding.
     """
-    from .errors import AudioError
-
     path = Path(path)
     if not path.exists() or path.is_dir():  # not is_file(): named pipes and /dev/fd/N streams are welcome
         raise AudioError(f"audio file not found: {path}")
@@ -180,7 +164,8 @@ def model_window(waveform: np.ndarray) -> np.ndarray:
 
 
 SILENCE_DBFS = -50.0  # a 20 ms frame louder than this (RMS, dB re full scale) counts as audible
-_FRAME_SAMPLES = SAMPLE_RATE // 50  # 20 ms
+LOUDNESS_FRAME_S = 0.02  # loudness is judged per 20 ms frame, here and where long audio is cut
+_FRAME_SAMPLES = round(LOUDNESS_FRAME_S * SAMPLE_RATE)
 
 
 def is_silent(waveform: np.ndarray, threshold_dbfs: float = SILENCE_DBFS) -> bool:

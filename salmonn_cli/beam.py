@@ -113,12 +113,12 @@ def beam_candidates(scores, num_beams: int, do_sample: bool, generator):
     return picked, torch.gather(tokens, -1, order)
 
 
-def beam_decode(stepper: Any, options: Any, processors, warpers, limits: tuple[int, int, int, int], generator):
+def beam_decode(stepper: Any, options: Any, processors, warpers, limits: Any, generator):
     """4.28 `beam_search` / `beam_sample` over every prompt of `stepper`: the best `Hypothesis` per prompt.
 
-    `limits` is (max_length, eos, bos, pad); ids and scores are shaped (batch * beams, ...), prompt-major.
+    `limits` is a `generate.DecodeLimits`; ids and scores are shaped (batch * beams, ...), prompt-major.
     """
-    max_length, eos, bos, pad = limits
+    max_length, eos, bos, pad = limits.max_length, limits.eos, limits.bos, limits.pad
     batch, k = stepper.batch, options.num_beams
     device = stepper.embeds.device
     ids = torch.full((batch * k, 1), bos, dtype=torch.long, device=device)

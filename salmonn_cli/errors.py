@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+
 
 class SalmonnError(Exception):
     """Base class of every error this package raises on purpose. `exit_code` is what the CLI exits with."""

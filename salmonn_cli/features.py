@@ -18,7 +18,6 @@ from .audio import SAMPLE_RATE
 BEATS_FBANK_MEAN = 15.41663  # BEATs.preprocess defaults: dataset statistics of the log-mel energies
 BEATS_FBANK_STD = 6.55582
 BEATS_NUM_MEL_BINS = 128
-_KALDI_SAMPLE_RATE = 16_000  # Hz
 _KALDI_FRAME_LENGTH = 400  # samples: 25 ms
 _KALDI_FRAME_SHIFT = 160  # samples: 10 ms
 _KALDI_FFT_SIZE = 512  # the frame length rounded up to a power of two (round_to_power_of_two=True)
@@ -53,8 +52,8 @@ def _kaldi_mel_banks() -> np.ndarray:
     """
     f32 = np.float32
     num_fft_bins = _KALDI_FFT_SIZE // 2
-    nyquist = 0.5 * _KALDI_SAMPLE_RATE
-    fft_bin_width = _KALDI_SAMPLE_RATE / _KALDI_FFT_SIZE
+    nyquist = 0.5 * SAMPLE_RATE
+    fft_bin_width = SAMPLE_RATE / _KALDI_FFT_SIZE
     mel_low = _mel_scale(_KALDI_LOW_FREQ)  # Python float64 scalars, as in mel_scale_scalar
     mel_high = _mel_scale(nyquist)
     mel_delta = f32((mel_high - mel_low) / (BEATS_NUM_MEL_BINS + 1))

@@ -14,59 +14,26 @@ same number of audio tokens); every row gets the semantics it would get alone. B
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from .beam import beam_decode
+from .decode_options import DecodeOptions
 from .errors import UsageError
 
+LLAMA_BOS, LLAMA_EOS, LLAMA_PAD = 1, 2, 0  # LLaMA's ids (pad: <unk>), for callers that pass no tokenizer's
 
-@dataclass(frozen=True)
-class DecodeOptions:
-    """Decoding settings, named as in SALMONN's generate_cfg / transformers 4.28's GenerationConfig."""
 
-    max_new_tokens: int = 200
-    num_beams: int = 4
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 0.9
-    top_k: int = 50  # 4.28's GenerationConfig default; only used when sampling
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0
-    min_length: int = 1  # counts the bos placeholder, as in 4.28
+class DecodeLimits(NamedTuple):
+    """When a row stops and what fills it: `max_length` counts the bos placeholder (4.28's max_length)."""
 
-    def __post_init__(self) -> None:
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_real(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        problems = []
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not is_int(self.num_beams) or self.num_beams < 1:
-            problems.append(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
-        if not isinstance(self.do_sample, bool):
-            problems.append(f"do_sample must be true or false, got {self.do_sample!r}")
-        if not is_real(self.temperature) or (self.do_sample and self.temperature <= 0):
-            problems.append(f"temperature must be > 0 when sampling, got {self.temperature!r}")
-        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not is_int(self.top_k) or self.top_k < 0:
-            problems.append(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
-        if not is_real(self.length_penalty):
-            problems.append(f"length_penalty must be a finite number, got {self.length_penalty!r}")
-        if not is_int(self.min_length) or self.min_length < 0:
-            problems.append(f"min_length must be an integer >= 0, got {self.min_length!r}")
-        if problems:
-            raise UsageError("; ".join(problems))
+    max_length: int
+    eos: int
+    bos: int  # the placeholder 4.28 starts from; never fed to the model
+    pad: int  # fed to greedy rows that already finished; never part of an answer
 
 
 @dataclass(frozen=True)
@@ -175,13 +142,15 @@ class _Stepper:
         self.cache.reorder_cache(beam_idx)
 
 
-def _greedy_or_sample(stepper, options, processors, warpers, limits, generator, keep_scores) -> list[DecodeOutput]:
+def _greedy_or_sample(
+    stepper, options, processors, warpers, limits: DecodeLimits, generator, keep_scores
+) -> list[DecodeOutput]:
     """4.28 `greedy_search` / `sample`: a row stops at eos, or all stop when ids (placeholder included) hit max_length.
 
     As in 4.28, a row that produced eos is fed pad from then on and its later steps are ignored; the loop ends
     when every row has finished (4.28's `unfinished_sequences`) or at max_length.
     """
-    max_length, eos, bos, pad = limits
+    max_length, eos, bos, pad = limits.max_length, limits.eos, limits.bos, limits.pad
     batch, device = stepper.batch, stepper.embeds.device
     ids = torch.full((batch, 1), bos, dtype=torch.long, device=device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
@@ -220,9 +189,9 @@ def decode_batch(
     inputs_embeds: torch.Tensor,
     options: DecodeOptions,
     *,
-    eos_token_id: int = 2,
-    bos_token_id: int = 1,
-    pad_token_id: int = 0,
+    eos_token_id: int = LLAMA_EOS,
+    bos_token_id: int = LLAMA_BOS,
+    pad_token_id: int = LLAMA_PAD,
     generator: torch.Generator | None = None,
     keep_step_scores: bool = True,
 ) -> list[DecodeOutput]:
@@ -238,7 +207,7 @@ def decode_batch(
     """
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] < 1:
         raise UsageError(f"inputs_embeds must be (B, N, D) with B >= 1, got {tuple(inputs_embeds.shape)}")
-    limits = (1 + options.max_new_tokens, eos_token_id, bos_token_id, pad_token_id)  # 4.28: placeholder + new
+    limits = DecodeLimits(1 + options.max_new_tokens, eos_token_id, bos_token_id, pad_token_id)  # placeholder + new
     processors = build_logits_processors(options, eos_token_id, inputs_embeds.device)
     warpers = build_logits_warpers(options) if options.do_sample else None
     with torch.inference_mode():
@@ -254,9 +223,9 @@ def decode(
     inputs_embeds: torch.Tensor,
     options: DecodeOptions,
     *,
-    eos_token_id: int = 2,
-    bos_token_id: int = 1,
-    pad_token_id: int = 0,
+    eos_token_id: int = LLAMA_EOS,
+    bos_token_id: int = LLAMA_BOS,
+    pad_token_id: int = LLAMA_PAD,
     generator: torch.Generator | None = None,
 ) -> DecodeOutput:
     """Generate from `inputs_embeds` (1, N, D) exactly as transformers 4.28's `generate` did for SALMONN.
@@ -280,3 +249,14 @@ def decode(
         pad_token_id=pad_token_id,
         generator=generator,
     )[0]
+
+
+def seeded_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """The generator every random draw of a run comes from, seeded on `device`; None (torch's global RNG) unseeded.
+
+    torch's global RNG is seeded too, so anything drawing outside the generator is reproducible as well.
+    """
+    if seed is None:
+        return None
+    torch.manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)

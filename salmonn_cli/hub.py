@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
+from .atomic import write_text_atomically
 from .errors import CheckpointError
-from .loading import ComponentPaths
-from .model_file import ComponentSpec, HubSource, ModelSpec
+from .model_file import ComponentPaths, ComponentSpec, HubSource, ModelSpec
 
 Progress = Callable[[str], None]
 VERIFIED_SUFFIX = ".sha256-ok"
@@ -325,13 +325,10 @@ def _verified(real: Path, stat: os.stat_result, sha256: str) -> bool:
 
 def _remember(real: Path, stat: os.stat_result, sha256: str) -> None:
     record = {"path": str(real), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
-    marker = _marker(real)
-    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
-    try:  # written atomically; a read-only cache only costs a re-hash next time
-        tmp.write_text(json.dumps(record), encoding="utf-8")
-        os.replace(tmp, marker)
+    try:  # a read-only cache only costs a re-hash next time
+        write_text_atomically(_marker(real), json.dumps(record))
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def _disk_size(path: Path) -> int:

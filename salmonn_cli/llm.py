@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import LoraShape
+from .checkpoint import LORA_FILE_PREFIX, LoraShape
 from .errors import CheckpointError, MissingKeyError, ShapeMismatchError, UnexpectedKeyError
+from .model_file import ModelSettings
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +29,7 @@ class LoraSpec:
     """How the checkpoint's LoRA was trained: its shape plus the scaling (lora_alpha / r) it was trained at."""
 
     shape: LoraShape
-    trained_scale: float = 4.0  # 32 / 8 for the published models
+    trained_scale: float = ModelSettings.lora_scale  # the published models' unless the model file says otherwise
     dropout: float = 0.1  # the original's; only active in training mode
 
 
@@ -118,7 +119,7 @@ def quantize_base_layers(model: "nn.Module", spec, device_type: str) -> "nn.Modu
 
 
 def _check_lora_keys(expected: Mapping[str, "torch.Tensor"], lora: Mapping[str, "torch.Tensor"], path: Path) -> None:
-    original = "llama_model.{}".format  # how the key is written in the SALMONN file
+    original = (LORA_FILE_PREFIX + "{}").format  # how the key is written in the SALMONN file
     for key in lora:
         if key not in expected:
             raise UnexpectedKeyError("unexpected LoRA key in SALMONN checkpoint", path=path, key=original(key))
@@ -141,7 +142,7 @@ def lora_layers(model: "nn.Module") -> list["nn.Module"]:
 
 
 @contextlib.contextmanager
-def lora_scale(model: "nn.Module", scale: float | None) -> Iterator[None]:
+def scaled_lora(model: "nn.Module", scale: float | None) -> Iterator[None]:
     """Set the scaling every LoRA layer applies (W x + scale * B A x) for the duration of a call.
 
     `None` leaves the current scaling; 0 turns LoRA off. The previous values are restored afterwards.

@@ -3,19 +3,20 @@
 `from_pretrained` would hold the whole LLM in full precision before quanto could quantise it: 13.5 GB of bf16 for
 a 7B model that ends at 4 GB in int4. Here the LLM is built on the meta device, LoRA is attached there, and each
 decoder layer in turn takes its tensors from the folder, is quantised and gives its float copies back, so the host
-holds the finished model plus one full-precision layer. `bench.build` builds its random-weight shapes the same way.
+holds the finished model plus one full-precision layer. The benchmark builds its random-weight shapes through
+the same code, from a `WeightSource` that draws the tensors instead of reading them (benchmarks/build.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from quantize.memory import release_freed_memory
 
-from .checkpoint import WeightFolder, load_strict
 from .errors import CheckpointError, MissingKeyError, UnexpectedKeyError
+from .weights import WeightFolder, load_strict
 
 if TYPE_CHECKING:
     import torch
@@ -28,8 +29,33 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _LAYERS = "model.layers."
 
 
-def load_language_model_by_layer(
-    folder: str | Path,
+class WeightSource(Protocol):
+    """Where a layer-by-layer build takes its tensors from: a `weights.WeightFolder`, or random weights."""
+
+    folder: Path  # named in error messages
+
+    def keys(self) -> list[str]: ...
+
+    def __contains__(self, key: str) -> bool: ...
+
+    def get(self, key: str, dtype: "torch.dtype | None" = None) -> "torch.Tensor": ...
+
+    def unmap(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def load_language_model_by_layer(folder: str | Path, **build) -> "nn.Module":
+    """`build_language_model_by_layer` from a Hugging Face LLaMA folder (safetensors or .bin, sharded or not)."""
+    from .llm import read_llm_config
+
+    folder = Path(folder)
+    return build_language_model_by_layer(read_llm_config(folder), WeightFolder(folder), **build)
+
+
+def build_language_model_by_layer(
+    config,
+    weights: WeightSource,
     *,
     dtype: "torch.dtype",
     device: "torch.device",
@@ -38,20 +64,18 @@ def load_language_model_by_layer(
     lora_path: Path,
     quantization,
 ) -> "nn.Module":
-    """LlamaForCausalLM + the checkpoint's LoRA (peft), frozen and in eval mode, its base Linear layers quantised
-    under `quantization` (a `quantize.QuantSpec` applied after loading) one decoder layer at a time.
+    """LlamaForCausalLM of `config` + the checkpoint's LoRA (peft), frozen and in eval mode, its base Linear layers
+    quantised under `quantization` (a `quantize.QuantSpec` applied after loading) one decoder layer at a time.
 
-    Every tensor of the folder is accounted for: a missing one or a misshapen one is a CheckpointError naming the
+    Every tensor of `weights` is accounted for: a missing one or a misshapen one is a CheckpointError naming the
     key as the folder writes it.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .llm import attach_lora, quantize_base_layers, read_llm_config
+    from .llm import attach_lora, quantize_base_layers
 
-    folder = Path(folder)
-    config = read_llm_config(folder)
-    weights = WeightFolder(folder)
+    folder = weights.folder
     with torch.device("meta"):
         llama = AutoModelForCausalLM.from_config(config, dtype=dtype)
     llama.requires_grad_(False)
@@ -81,7 +105,7 @@ def load_language_model_by_layer(
 
 
 def _layer_tensor(
-    weights: WeightFolder,
+    weights: WeightSource,
     lora: Mapping[str, "torch.Tensor"],
     prefix: str,
     name: str,
@@ -110,7 +134,7 @@ def _file_keys_of(llama: "nn.Module") -> set[str]:
     return keys - {"lm_head.weight"} if tied else keys
 
 
-def _check_keys(weights: WeightFolder, expected: set[str]) -> None:
+def _check_keys(weights: WeightSource, expected: set[str]) -> None:
     for key in sorted(expected):
         if key not in weights:
             raise MissingKeyError("missing key in the LLM's weights", path=weights.folder, key=key)

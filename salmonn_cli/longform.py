@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from .audio import SAMPLE_RATE, WINDOW_SECONDS, is_silent
+from .decode_options import DecodeOptions
+from .errors import UsageError
 from .output import Cue, timestamp
+from .window import SAMPLE_RATE, WINDOW_SECONDS
+
+if TYPE_CHECKING:  # this module imports nothing heavy: the command line reads LongformSettings' defaults
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -41,25 +45,35 @@ class FileAnswer:
     skipped: str | None = None  # "silence" when no segment was audible
 
 
-def answer_file(model, waveform: np.ndarray, instruction: str, decode: dict, settings: LongformSettings, *,
-                lora_scale: float | None = None, generator=None) -> FileAnswer:  # fmt: skip
+def answer_file(
+    model,
+    waveform: np.ndarray,
+    instruction: str,
+    options: DecodeOptions,
+    settings: LongformSettings,
+    *,
+    lora_scale: float | None = None,
+    generator=None,
+) -> FileAnswer:
     """Answer `instruction` about a whole waveform of any length (see the module docstring)."""
     from .segment import plan_segments, segment_audio
 
     started = time.perf_counter()
-    segments = plan_segments(waveform, max_seconds=WINDOW_SECONDS, vad=settings.vad)
+    # A clip of one window is one segment whatever the VAD hears; only subtitles (speech_only) read its speech.
+    long = waveform.shape[0] / SAMPLE_RATE > WINDOW_SECONDS
+    segments = plan_segments(waveform, max_seconds=WINDOW_SECONDS, vad=settings.vad and (long or settings.speech_only))
     single = len(segments) == 1
     audible = [s for s in segments if settings.force or _audible(s, segment_audio(waveform, s), settings, single)]
     if not audible:
         return FileAnswer("", (), 0, len(segments), 0, {"total_s": time.perf_counter() - started}, skipped="silence")
     clips = [segment_audio(waveform, s) for s in audible]
     if settings.whole and len(audible) > 1:
-        answer = _answer_whole(model, audible, clips, instruction, decode, settings, lora_scale, generator)
+        answer = _answer_whole(model, audible, clips, instruction, options, settings, lora_scale, generator)
         return FileAnswer(answer.text.strip(), (Cue(audible[0].start, audible[-1].end, answer.text.strip()),),
                           len(answer.token_ids), len(segments), len(audible),
                           {"total_s": time.perf_counter() - started})  # fmt: skip
-    results = model.generate_batch(clips, instruction, batch_size=settings.batch_size, lora_scale=lora_scale,
-                                   generator=generator, **decode)  # fmt: skip
+    results = model.generate_batch(clips, instruction, options, batch_size=settings.batch_size, lora_scale=lora_scale,
+                                   generator=generator)  # fmt: skip
     cues = tuple(_cue(s, r.text.strip(), settings) for s, r in zip(audible, results, strict=True))
     text = _join(cues, settings, single=single)
     timings = {"total_s": time.perf_counter() - started}
@@ -72,6 +86,8 @@ def _audible(segment, clip: np.ndarray, settings: LongformSettings, single: bool
     answered as the original would, since the VAD can miss singing or speech in noise."""
     if settings.speech_only and settings.vad and not single:
         return segment.has_speech
+    from .audio import is_silent
+
     return not is_silent(clip)
 
 
@@ -88,32 +104,22 @@ def _join(cues: tuple[Cue, ...], settings: LongformSettings, *, single: bool) ->
     return "\n".join(f"[{timestamp(c.start)}–{timestamp(c.end)}] {c.text}" for c in spoken)
 
 
-def _answer_whole(model, segments, clips, instruction, decode, settings, lora_scale, generator):
+def _answer_whole(model, segments, clips, instruction, options: DecodeOptions, settings, lora_scale, generator):
     """One prompt holding every segment's audio tokens after its time label; fails when it cannot fit."""
     import torch
 
-    from .errors import UsageError
-    from .generate import DecodeOptions
-    from .prompt import assemble_labelled_inputs
-
     tokens = torch.cat([model.audio_tokens_batch(clips[i : i + settings.batch_size])
                         for i in range(0, len(clips), settings.batch_size)])  # fmt: skip  # (S, N, D)
-    labels = [model.tokenizer.encode(f" [{timestamp(s.start)}–{timestamp(s.end)}]") for s in segments]
-    parts = [(label, tokens[i : i + 1]) for i, label in enumerate(labels)]
-    embeds = assemble_labelled_inputs(model.llm.get_input_embeddings(), model.prompt_ids(instruction), parts,
-                                      model.settings.bos_token_id)  # fmt: skip
-    options = DecodeOptions(**decode)
-    limit = model.llm.config.max_position_embeddings
-    if embeds.shape[1] + options.max_new_tokens > limit:
-        per_segment = tokens.shape[1] + len(labels[0])
-        fit = max(0, (limit - options.max_new_tokens - (embeds.shape[1] - per_segment * len(segments))) // per_segment)
+    labels = [f" [{timestamp(s.start)}–{timestamp(s.end)}]" for s in segments]
+    embeds = model.labelled_inputs_embeds(labels, tokens, instruction)
+    limit, needed = model.context_length, embeds.shape[1] + options.max_new_tokens
+    if needed > limit:
+        prompt_only = model.inputs_embeds(tokens[:1], instruction).shape[1] - tokens.shape[1]  # bos, before, after
+        per_segment = (embeds.shape[1] - prompt_only) / len(segments)  # audio tokens + time label
+        fit = max(0, int((limit - options.max_new_tokens - prompt_only) // per_segment))
         raise UsageError(
             f"--whole: {len(segments)} segments need {embeds.shape[1]} + {options.max_new_tokens} tokens but the LLM "
             f"holds {limit}; at most {fit} segments (~{fit * WINDOW_SECONDS:.0f} s of audio) fit: drop --whole for "
             "one answer per segment"
         )
     return model.answer_embeds(embeds, options, lora_scale=lora_scale, generator=generator)
-
-
-def seconds(waveform: np.ndarray) -> float:
-    return waveform.shape[0] / SAMPLE_RATE

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError, UsageError
-from .prompt import PROMPT_TEMPLATE
+from .prompt import PROMPT_TEMPLATE, template_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,11 +34,12 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "models"
+BUILTIN_DEFAULT = "salmonn-13b"  # what every command loads unless --model says otherwise
 ROLES = ("whisper", "beats", "llm", "checkpoint")
 FOLDER_ROLES = frozenset({"whisper", "llm"})  # Hugging Face folders; beats and checkpoint are single files
 REPO_TYPES = ("model", "space", "dataset")
-DEFAULT_SECOND_PER_WINDOW = 0.333333
-DEFAULT_LORA_SCALE = 4.0  # lora_alpha / r of the published checkpoints (32 / 8)
+_PUBLISHED_WINDOW_S = 0.333333  # the audio each token reads (17 Whisper frames), as the original's config writes it
+WAKE_UP_LORA_SCALE = 2.0  # the paper: about half the trained scaling wakes stories, spoken QA and translation
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _MISSING = object()
@@ -97,13 +98,26 @@ class ComponentSpec:
 
 
 @dataclass(frozen=True)
-class ModelSettings:
-    """Facts about how the checkpoint was trained that are in no tensor; passed on to `load_model`."""
+class ComponentPaths:
+    """Where the four components are: an HF Whisper folder, a BEATs .pt, an HF LLaMA folder, a SALMONN .pth."""
 
-    second_per_window: float = DEFAULT_SECOND_PER_WINDOW
-    second_stride: float = DEFAULT_SECOND_PER_WINDOW
+    whisper: Path
+    beats: Path
+    llm: Path
+    checkpoint: Path
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Facts about how the checkpoint was trained that are in no tensor; passed on to `load_model`.
+
+    The defaults are the published models': the one place these numbers are written in code.
+    """
+
+    second_per_window: float = _PUBLISHED_WINDOW_S
+    second_stride: float = _PUBLISHED_WINDOW_S  # windows do not overlap
     qformer_heads: int | None = None  # None: Q-Former width / 64
-    lora_scale: float = DEFAULT_LORA_SCALE
+    lora_scale: float = 4.0  # lora_alpha / r the checkpoint was trained at (32 / 8); every call uses it by default
     prompt_template: str = PROMPT_TEMPLATE
 
 
@@ -115,6 +129,11 @@ class ModelSizes:
     whisper_encoder_params: int
     beats_params: int
     connector_params: int
+
+    @property
+    def encoder_params(self) -> int:
+        """Everything but the LLM: the part that is never quantised."""
+        return self.whisper_encoder_params + self.beats_params + self.connector_params
 
 
 @dataclass(frozen=True)
@@ -293,16 +312,18 @@ def _check_relative(table: _Table, name: str, value: str) -> None:
 
 
 def _settings(t: _Table) -> ModelSettings:
+    default = ModelSettings()
     settings = ModelSettings(
-        second_per_window=float(t.take_positive("second_per_window", (float, int), DEFAULT_SECOND_PER_WINDOW)),
-        second_stride=float(t.take_positive("second_stride", (float, int), DEFAULT_SECOND_PER_WINDOW)),
+        second_per_window=float(t.take_positive("second_per_window", (float, int), default.second_per_window)),
+        second_stride=float(t.take_positive("second_stride", (float, int), default.second_stride)),
         qformer_heads=t.take_positive("qformer_heads", int, None),
-        lora_scale=float(t.take("lora_scale", (float, int), DEFAULT_LORA_SCALE)),
-        prompt_template=t.take("prompt_template", str, PROMPT_TEMPLATE),
+        lora_scale=float(t.take("lora_scale", (float, int), default.lora_scale)),
+        prompt_template=t.take("prompt_template", str, default.prompt_template),
     )
     t.done()
-    if settings.prompt_template.count("{}") != 1:
-        raise t.fail("prompt_template", "must contain exactly one {} (where the instruction goes)")
+    problem = template_problem(settings.prompt_template)
+    if problem is not None:
+        raise t.fail("prompt_template", problem)
     if settings.lora_scale < 0:
         raise t.fail("lora_scale", f"must be 0 or more, got {settings.lora_scale}")
     return settings

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class Cue:
@@ -101,7 +103,5 @@ def writer_for(name: str) -> tuple[str, Callable[[Record], str]]:
     """The canonical format name and its writer; a name we do not know is a UsageError."""
     fmt = FORMAT_ALIASES.get(name, name)
     if fmt not in WRITERS:
-        from .errors import UsageError
-
         raise UsageError(f"--format must be one of text, {', '.join(WRITERS)}; got {name!r}")
     return fmt, WRITERS[fmt]

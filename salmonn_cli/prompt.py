@@ -10,17 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .errors import UsageError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .tokenizer import TextCodec
+    from .tokenizer import Tokenizer
 
 PROMPT_TEMPLATE = "USER: {}\nASSISTANT:"
 AUDIO_PLACEHOLDER = "<SpeechHere>"
 AUDIO_SLOT = "<Speech><SpeechHere></Speech>"
 END_SYMBOL = "</s>"  # appended to training targets; the tokenizer reads it as the eos id
 IGNORE_INDEX = -100  # label value the loss skips
+MAX_TARGET_TOKENS = 300  # the original's max_txt_len: a training target is cut to this many tokens
 
 # The original test prompts (prompts/test_prompt.json), by task.
 TASK_INSTRUCTIONS: dict[str, str] = {
@@ -42,6 +45,13 @@ TASK_INSTRUCTIONS: dict[str, str] = {
 }
 
 
+def template_problem(template: str) -> str | None:
+    """What is wrong with a chat template, or None: it needs exactly one `{}`, where the audio and instruction go."""
+    if template.count("{}") != 1:
+        return f"a prompt template needs exactly one '{{}}' for the instruction; got {template!r}"
+    return None
+
+
 def full_prompt(instruction: str, template: str = PROMPT_TEMPLATE) -> str:
     """The whole prompt text for an instruction as a user types it (surrounding whitespace stripped)."""
     return template.format(f"{AUDIO_SLOT} {instruction.strip()}")
@@ -55,13 +65,13 @@ class PromptIds:
     after: tuple[int, ...]
 
 
-def prompt_ids(tokenizer: "TextCodec", instruction: str, template: str = PROMPT_TEMPLATE) -> PromptIds:
+def prompt_ids(tokenizer: "Tokenizer", instruction: str, template: str = PROMPT_TEMPLATE) -> PromptIds:
     """Tokenise the two halves of the prompt separately, as the original does."""
     before, after = full_prompt(instruction, template).split(AUDIO_PLACEHOLDER)
     return PromptIds(tokenizer.encode(before), tokenizer.encode(after))
 
 
-def target_ids(tokenizer: "TextCodec", target_text: str, max_txt_len: int) -> tuple[int, ...]:
+def target_ids(tokenizer: "Tokenizer", target_text: str, max_txt_len: int) -> tuple[int, ...]:
     """Training target: text + `</s>`, cut to `max_txt_len` tokens (the cut may drop the `</s>`, as in the original)."""
     return tokenizer.encode(target_text + END_SYMBOL)[:max_txt_len]
 
@@ -113,8 +123,6 @@ def transcribe_instruction(language: str) -> str:
     """The original's transcription prompt for `language` (en, zh, de or auto)."""
     key = language.strip().lower()
     if key not in TRANSCRIBE_BY_LANGUAGE:
-        from .errors import UsageError
-
         known = ", ".join(TRANSCRIBE_BY_LANGUAGE)
         raise UsageError(f"no transcription prompt for language {language!r}: use --lang {known}, or --instruction")
     return TRANSCRIBE_BY_LANGUAGE[key]
@@ -124,8 +132,6 @@ def translate_instruction(language: str) -> str:
     """The paper's translation prompt; `language` is a name ("German") or a two-letter code ("de")."""
     name = language.strip()
     if not name:
-        from .errors import UsageError
-
         raise UsageError("--to needs a language, e.g. --to German")
     name = LANGUAGE_NAMES.get(name.lower(), name[:1].upper() + name[1:])
     return TASK_INSTRUCTIONS["translate"].format(language=name)

@@ -8,24 +8,17 @@ and `audio.is_silent`) and caption the rest. Every segment keeps its start and e
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from functools import lru_cache
 from itertools import pairwise
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, WINDOW_SECONDS, resample
+from .audio import LOUDNESS_FRAME_S, SAMPLE_RATE, WINDOW_SECONDS, resample
+from .vad import MIN_SPEECH_S, THRESHOLD, silero, speech_probabilities
 
-# silero-vad settings, chosen for cutting (not for trimming): we want every real pause as a candidate cut.
-_VAD_THRESHOLD = 0.5  # silero's own default: its probabilities are calibrated around it
-_MIN_SPEECH_MS = 250  # shorter "speech" is a click or a cough, not a word worth a span
+# silero-vad settings for cutting (not for trimming): we want every real pause as a candidate cut.
 _MIN_SILENCE_MS = 100  # short, so pauses between sentences show up as gaps; the planner ranks them by length
 _SPEECH_PAD_MS = 30  # silero's default: covers soft word onsets/endings without eating the pauses
-
-_VAD_FRAME_SAMPLES = 512  # one silero decision per 32 ms at 16 kHz
-_STREAM_FRAMES = 938  # 30 s per parallel stream: long audio runs as a batch of streams, ~10x faster on CPU
-_WARMUP_FRAMES = 63  # ~2 s of audio before each stream, run and discarded, so its LSTM state is warm
 
 _LONG_PAUSE_S = 0.3  # a pause at least this long is a sentence/phrase boundary: cut there when possible
 _MIN_SEGMENT_S = 1.0  # no cut closer than this to the previous one (no degenerate slivers)
@@ -33,7 +26,6 @@ _CONTEXT_S = 0.5  # non-speech kept on each side of speech when a long non-speec
 _MIN_NONSPEECH_S = 5.0  # non-speech at least this long (after the context) becomes its own segment(s)
 _QUIET_SEARCH_S = 3.0  # no pause at all: cut at the quietest 20 ms frame within this much before the limit
 _FIXED_SEARCH_S = 1.0  # vad=False and non-speech stretches: same, within the last second
-_QUIET_FRAME_S = 0.02  # 20 ms
 _ULP_GUARD_S = 1e-6  # (cursor + 30) - cursor can exceed 30 by a rounding error: stay a microsecond inside
 
 
@@ -64,69 +56,21 @@ class Segment:
         return self.speech[-1][1] if self.speech else self.end
 
 
-def _silero():
-    """The silero_vad module, or a DependencyError saying what to install."""
-    try:
-        import silero_vad
-        from silero_vad.utils_vad import get_speech_timestamps_from_probs  # noqa: F401  (silero-vad >= 6)
-    except ImportError:
-        from .errors import DependencyError
-
-        raise DependencyError("cutting long audio at pauses needs silero-vad: pip install -U silero-vad") from None
-    return silero_vad
-
-
-@lru_cache(maxsize=1)
-def _vad_model():
-    """The silero-vad JIT model, loaded once per process (its weights ship in the wheel)."""
-    import warnings
-
-    silero_vad = _silero()
-    with warnings.catch_warnings():  # its loader uses importlib.resources.path and torch.jit.load: deprecated
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return silero_vad.load_silero_vad()
-
-
-def _speech_probs(waveform: np.ndarray) -> np.ndarray:
-    """Silero's speech probability per 512-sample frame, (F,) with F = ceil(T / 512).
-
-    Long audio is split into 30 s streams run as one batch (the model is a small LSTM: one frame at a time is
-    slow, many streams at once cost about the same per step). Each stream first hears the 2 s before it so its
-    state is warm; those warm-up frames are dropped.
-    """
-    import torch
-
-    model = _vad_model()
-    n_frames = math.ceil(waveform.shape[0] / _VAD_FRAME_SAMPLES)
-    n_streams = max(1, math.ceil(n_frames / _STREAM_FRAMES))
-    stream_frames = math.ceil(n_frames / n_streams)
-    warmup = _WARMUP_FRAMES if n_streams > 1 else 0
-    total = (warmup + n_streams * stream_frames) * _VAD_FRAME_SAMPLES
-    padded = np.zeros(total, np.float32)  # warm-up zeros, the audio, zeros to a whole number of streams
-    padded[warmup * _VAD_FRAME_SAMPLES : warmup * _VAD_FRAME_SAMPLES + waveform.shape[0]] = waveform
-    step = stream_frames * _VAD_FRAME_SAMPLES
-    width = (warmup + stream_frames) * _VAD_FRAME_SAMPLES
-    streams = np.lib.stride_tricks.sliding_window_view(padded, width)[::step].copy()  # (B, (W+S) * 512) samples
-    with torch.inference_mode():
-        probs = model.audio_forward(torch.from_numpy(streams), SAMPLE_RATE)  # (B, warmup + stream_frames)
-    return probs[:, warmup:].reshape(-1).numpy()[:n_frames]
-
-
 def speech_regions(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> list[tuple[float, float]]:
     """Where silero-vad hears speech: sorted, disjoint (start, end) spans in seconds.
 
     The waveform is 1-D float at `sample_rate` (resampled to 16 kHz here if needed).
     """
-    get_speech_timestamps_from_probs = _silero().utils_vad.get_speech_timestamps_from_probs
+    get_speech_timestamps_from_probs = silero().utils_vad.get_speech_timestamps_from_probs
 
     waveform = resample(waveform, sample_rate)  # (T,) at 16 kHz
     if waveform.shape[0] == 0:
         return []
     spans = get_speech_timestamps_from_probs(
-        _speech_probs(waveform).tolist(),
+        speech_probabilities(waveform).tolist(),
         sampling_rate=SAMPLE_RATE,
-        threshold=_VAD_THRESHOLD,
-        min_speech_duration_ms=_MIN_SPEECH_MS,
+        threshold=THRESHOLD,
+        min_speech_duration_ms=round(MIN_SPEECH_S * 1000),
         min_silence_duration_ms=_MIN_SILENCE_MS,
         speech_pad_ms=_SPEECH_PAD_MS,
         audio_length_samples=waveform.shape[0],
@@ -136,7 +80,7 @@ def speech_regions(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> list
 
 def _quietest_time(waveform: np.ndarray, lo: float, hi: float, sample_rate: int) -> float:
     """The middle of the quietest 20 ms frame in [lo, hi] seconds (the latest one on ties), clipped to hi."""
-    frame = max(1, round(_QUIET_FRAME_S * sample_rate))
+    frame = max(1, round(LOUDNESS_FRAME_S * sample_rate))
     first = round(lo * sample_rate)
     chunk = waveform[first : round(hi * sample_rate)]
     n = chunk.shape[0] // frame

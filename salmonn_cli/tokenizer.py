@@ -15,9 +15,12 @@ from typing import Protocol
 from .errors import CheckpointError
 
 
-class TextCodec(Protocol):
+class Tokenizer(Protocol):
+    """Text <-> LLaMA token ids, plus the special ids the decoder and the prompt need."""
+
     bos_token_id: int
     eos_token_id: int
+    pad_token_id: int  # LLaMA has no pad token: <unk>, as its generation config says; fed only to finished rows
 
     def encode(self, text: str) -> tuple[int, ...]: ...
 
@@ -38,6 +41,7 @@ class SentencePieceText:
         self._split = re.compile("(" + "|".join(re.escape(p) for p in pieces) + ")")
         self.bos_token_id = self._sp.bos_id()
         self.eos_token_id = self._sp.eos_id()
+        self.pad_token_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else max(self._sp.unk_id(), 0)
 
     def encode(self, text: str) -> tuple[int, ...]:
         ids: list[int] = []
@@ -65,6 +69,8 @@ class HuggingFaceText:
         self._tok = AutoTokenizer.from_pretrained(str(folder))
         self.bos_token_id = self._tok.bos_token_id
         self.eos_token_id = self._tok.eos_token_id
+        pad = self._tok.pad_token_id if self._tok.pad_token_id is not None else self._tok.unk_token_id
+        self.pad_token_id = pad if pad is not None else 0
 
     def encode(self, text: str) -> tuple[int, ...]:
         return tuple(self._tok(text, add_special_tokens=False).input_ids)
@@ -76,7 +82,7 @@ class HuggingFaceText:
         return len(self._tok)
 
 
-def load_text_codec(folder: str | Path) -> TextCodec:
+def load_tokenizer(folder: str | Path) -> Tokenizer:
     """The tokenizer of an HF LLaMA folder, as the original used it."""
     folder = Path(folder)
     if not folder.is_dir():

@@ -3,7 +3,7 @@
 
     python scripts/make_random_model.py --shape salmonn-7b OUT_DIR [--seed N] [--force]
 
-The shapes are salmonn_cli.bench.shapes.SHAPES (tiny, salmonn-7b, salmonn-13b). The output has the layout of
+The shapes are benchmarks.shapes.SHAPES (tiny, salmonn-7b, salmonn-13b). The output has the layout of
 scripts/make_tiny_model.py, so `load_model` and `scripts/bench.py --model OUT_DIR/model.toml` read it exactly as
 downloaded checkpoints; only the values are random, which changes neither load time nor memory:
   OUT_DIR/whisper/     HF Whisper folder, float16, only the encoder's tensors (`model.encoder.*`)
@@ -32,9 +32,9 @@ sys.path.insert(0, str(SCRIPTS))  # for make_tiny_model, whose formats, BEATs te
 
 import make_tiny_model as tiny  # noqa: E402
 
+from benchmarks.build import build_connector, build_whisper, llama_config, materialise  # noqa: E402
+from benchmarks.shapes import SHAPES, ModelShape  # noqa: E402
 from quantize.memory import release_freed_memory  # noqa: E402
-from salmonn_cli.bench.build import build_connector, build_whisper, llama_config, materialise  # noqa: E402
-from salmonn_cli.bench.shapes import SHAPES, ModelShape  # noqa: E402
 from salmonn_cli.checkpoint import salmonn_state_dict  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -42,7 +42,6 @@ COMPONENTS = ("whisper", "beats.pt", "llm", "salmonn.pth", "model.toml")
 TOKENIZER_TRAINED_VOCAB = 1000  # what make_tiny_model trains; padded up to the LLM's vocab (see pad_vocabulary)
 LORA_TARGETS = ("q_proj", "v_proj")
 LORA_B_BOUND = 0.05  # non-zero (peft starts B at 0) so the adapter changes the output, yet small
-SECOND_PER_WINDOW = 0.333333
 
 
 def progress(name: str, seconds: float, detail: str = "") -> None:
@@ -164,9 +163,11 @@ def make_llm(out: Path, shape: ModelShape, seed: int) -> int:
 def make_checkpoint(path: Path, shape: ModelShape, seed: int) -> int:
     """{'model': connector + LoRA} under the original key names; returns the connector's parameter count."""
     from salmonn_cli.model.qformer import WindowSpec
+    from salmonn_cli.model_file import ModelSettings
 
     torch.manual_seed(seed)
-    windows = WindowSpec.from_seconds(SECOND_PER_WINDOW, SECOND_PER_WINDOW)
+    published = ModelSettings()
+    windows = WindowSpec.from_seconds(published.second_per_window, published.second_stride)
     connector = build_connector(shape, windows, CPU, torch.float32).state_dict()
     g = torch.Generator().manual_seed(seed + 1)
     h, r = shape.llm.hidden, shape.llm.lora_rank

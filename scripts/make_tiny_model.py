@@ -431,14 +431,13 @@ def write_model_file(out: Path, s: TinySizes, beats_sd: dict, salmonn_sd: dict):
 
 
 def model_settings(qformer_heads: int) -> dict:
-    """The [settings] of a model file: the original's windows and prompt, the published LoRA scale."""
-    return {
-        "second_per_window": 0.333333,
-        "second_stride": 0.333333,
-        "qformer_heads": qformer_heads,
-        "lora_scale": 4.0,  # the published lora_alpha / r (32 / 8); these LoRA weights are random
-        "prompt_template": "USER: {}\nASSISTANT:",
-    }
+    """The [settings] of a model file: the published models' (the original's windows and prompt, LoRA scale 4.0;
+    these LoRA weights are random) with the tiny Q-Former's heads."""
+    from dataclasses import asdict, replace
+
+    from salmonn_cli.model_file import ModelSettings
+
+    return asdict(replace(ModelSettings(), qformer_heads=qformer_heads))
 
 
 def write_model_toml(out: Path, name: str, description: str, settings: dict, sizes: dict) -> None:

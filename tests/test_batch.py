@@ -164,8 +164,8 @@ def _embeds(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _run(model, embeds, options, eos=None):
-    settings = model.settings
-    kwargs = dict(eos_token_id=settings.eos_token_id if eos is None else eos, pad_token_id=settings.pad_token_id)
+    tokenizer = model.tokenizer
+    kwargs = dict(eos_token_id=tokenizer.eos_token_id if eos is None else eos, pad_token_id=tokenizer.pad_token_id)
     batch = decode_batch(model.llm, embeds, options, **kwargs)
     alone = [decode(model.llm, embeds[i : i + 1], options, **kwargs) for i in range(embeds.shape[0])]
     return batch, alone

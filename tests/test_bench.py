@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from salmonn_cli.bench.report import markdown
-from salmonn_cli.bench.runner import BenchConfig, configurations
-from salmonn_cli.bench.shapes import SHAPES, TINY, BeatsShape, LlamaShape, ModelShape, QFormerShape, WhisperShape
+from benchmarks.report import markdown
+from benchmarks.runner import BenchConfig, configurations
+from benchmarks.shapes import SHAPES, TINY, BeatsShape, LlamaShape, ModelShape, QFormerShape, WhisperShape
 
 ROOT = Path(__file__).resolve().parents[1]
 STAT_FIELDS = {"median", "min", "max", "runs"}
@@ -115,8 +115,8 @@ CUSTOM = ModelShape(
 def test_layer_by_layer_builder_builds_the_analytic_parameter_count(quant):
     import torch
 
+    from benchmarks.build import build_model
     from quantize import QuantSpec
-    from salmonn_cli.bench.build import build_model
 
     model = build_model(CUSTOM, QuantSpec.parse(quant, backend="quanto"), torch.device("cpu"))
     expected = CUSTOM.params()
@@ -134,9 +134,9 @@ _BUILD_AND_MEASURE = textwrap.dedent(
     import gc, json, sys, torch
     from pathlib import Path
     from quantize import QuantSpec
-    from salmonn_cli.bench.build import build_llm
-    from salmonn_cli.bench.memory import module_bytes
-    from salmonn_cli.bench.shapes import LlamaShape
+    from benchmarks.build import build_llm
+    from benchmarks.memory import module_bytes
+    from benchmarks.shapes import LlamaShape
     mode, dtype = sys.argv[1], getattr(torch, sys.argv[2])
     spec = QuantSpec.parse(mode, backend="quanto")
 

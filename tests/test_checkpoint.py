@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import salmonn_cli
-from salmonn_cli.checkpoint import read_beats_checkpoint, read_salmonn_checkpoint, torch_load
+from salmonn_cli.checkpoint import read_beats_checkpoint, read_salmonn_checkpoint
 from salmonn_cli.errors import (
     CheckpointError,
     MissingKeyError,
@@ -19,6 +19,7 @@ from salmonn_cli.errors import (
     UnexpectedKeyError,
     UnsafeCheckpointError,
 )
+from salmonn_cli.weights import torch_load
 
 from .reference import reference_dir
 

@@ -17,7 +17,8 @@ import torch
 
 import salmonn_cli
 from salmonn_cli.audio import SAMPLE_RATE
-from salmonn_cli.checkpoint import _map_connector_key, original_connector_key, read_salmonn_checkpoint
+from salmonn_cli.checkpoint import original_connector_key, read_salmonn_checkpoint
+from salmonn_cli.checkpoint import our_connector_key as _map_connector_key
 from salmonn_cli.finetune import BaseModel, DataError, FinetuneConfig, load_data, read_examples, run_finetune
 from salmonn_cli.finetune.data import split_validation
 from salmonn_cli.finetune.make_data import plan_inputs
@@ -125,9 +126,9 @@ GOOD_LINE = '{"audio": "clips/c1.wav", "instruction": "Hi?", "response": "a fox"
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny):
-    from salmonn_cli.tokenizer import load_text_codec
+    from salmonn_cli.tokenizer import load_tokenizer
 
-    return load_text_codec(tiny / "llm")
+    return load_tokenizer(tiny / "llm")
 
 
 @pytest.mark.parametrize("kind", list(BAD_LINES))

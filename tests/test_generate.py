@@ -12,7 +12,7 @@ import torch
 
 from salmonn_cli.errors import UsageError
 from salmonn_cli.generate import DecodeOptions, DecodeOutput, GenerationResult, Timings, decode
-from salmonn_cli.llm import lora_scale
+from salmonn_cli.llm import scaled_lora as lora_scale
 from tests.reference import case_paths, load_case
 
 CASES = case_paths()

@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantize import QuantSpec, llm_dtype
-from salmonn_cli.checkpoint import WeightFolder, read_salmonn_checkpoint
+from salmonn_cli.checkpoint import read_salmonn_checkpoint
 from salmonn_cli.errors import MissingKeyError, UnexpectedKeyError
 from salmonn_cli.llm import LoraSpec, attach_lora, load_language_model, quantize_base_layers
 from salmonn_cli.llm_stream import load_language_model_by_layer
+from salmonn_cli.weights import WeightFolder
 
 from .reference import reference_dir
 
@@ -165,7 +166,7 @@ _LOAD_AND_MEASURE = textwrap.dedent(
     import gc, json, sys, torch
     from pathlib import Path
     from quantize import QuantSpec
-    from salmonn_cli.bench.memory import module_bytes
+    from benchmarks.memory import module_bytes
     from salmonn_cli.checkpoint import LoraShape
     from salmonn_cli.llm import LoraSpec
     from salmonn_cli.llm_stream import load_language_model_by_layer

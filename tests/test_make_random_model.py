@@ -14,10 +14,10 @@ import pytest
 from safetensors import safe_open
 
 import salmonn_cli
-from salmonn_cli.bench.shapes import SHAPES
+from benchmarks.shapes import SHAPES
 from salmonn_cli.checkpoint import read_salmonn_checkpoint
 from salmonn_cli.model_file import load_model_spec
-from salmonn_cli.tokenizer import load_text_codec
+from salmonn_cli.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow  # a subprocess run plus two model loads: about 15 s
 
@@ -71,7 +71,7 @@ def test_llm_is_one_shard_per_decoder_layer_with_an_index_naming_every_tensor(ma
 
 
 def test_tokenizer_decodes_every_id_of_the_vocabulary(made):
-    codec = load_text_codec(made / "llm")
+    codec = load_tokenizer(made / "llm")
     config = json.loads((made / "llm" / "config.json").read_text())
     assert len(codec) == config["vocab_size"] == TINY.llm.vocab
     assert (codec.bos_token_id, codec.eos_token_id) == (1, 2)
@@ -87,7 +87,7 @@ def test_padding_reaches_llama_vocab_without_changing_how_text_encodes(tmp_path)
     padded.mkdir()
     script.write_llama_tokenizer(padded, 32_000)
     (tmp_path / "trained.model").write_bytes(script.tiny.train_sentencepiece(1000))
-    codec, trained = load_text_codec(padded), SentencePieceText(tmp_path / "trained.model")
+    codec, trained = load_tokenizer(padded), SentencePieceText(tmp_path / "trained.model")
     assert len(codec) == 32_000
     assert codec.decode([31_999]) == "tok31999"
     assert all(isinstance(codec.decode([i]), str) for i in range(32_000))

@@ -13,10 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from ..errors import SalmonnError
-
-EXIT_INTERRUPTED = 130
-EXIT_OUT_OF_MEMORY = 6  # as errors.OutOfMemoryError
+from ..errors import EXIT_INTERRUPTED, OutOfMemoryError, SalmonnError
 
 app = typer.Typer(
     name="salmonn",
@@ -77,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "salmonn: error: out of memory (host RAM): try --quant 8bit or 4bit, or --model salmonn-7b", file=sys.stderr
         )
-        return EXIT_OUT_OF_MEMORY
+        return OutOfMemoryError.exit_code
     except KeyboardInterrupt:
         if debug:
             raise

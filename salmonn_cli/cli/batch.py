@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import write_text_atomically
 from ..output import EXTENSIONS, Record, write_json
 
 RESULTS_FILE = "results.jsonl"
@@ -43,7 +43,7 @@ class OutputPlan:
         if target is None:
             print(text, flush=True)
             return
-        atomic_write(target, text if text.endswith("\n") else text + "\n")
+        write_text_atomically(target, text if text.endswith("\n") else text + "\n")
         append_line(self.output_dir / RESULTS_FILE, write_json(record))
 
 
@@ -57,21 +57,6 @@ def unique_names(paths: list[Path]) -> dict[Path, str]:
 
 def _short_hash(path: Path) -> str:
     return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def append_line(path: Path, line: str) -> None:

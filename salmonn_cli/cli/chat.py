@@ -36,17 +36,11 @@ def _read_line(interactive: bool) -> str | None:
 @with_options(MODEL_OPTIONS, DECODE_OPTIONS)
 def chat(file: FileArg, options: dict) -> None:
     """Talk about an audio file, one question after another."""
-    import torch
+    from ..generate import seeded_generator
 
-    from ..generate import DecodeOptions
-
-    path = file
-    tokens_path = path
-    tokens = None
     loaded = open_model(model_choice(options))
-    tokens = _encode(loaded, path)
+    tokens = _encode(loaded, file)
     decode = decode_choice(options)
-    settings = DecodeOptions(**decode.generate_kwargs())
     interactive = sys.stdin.isatty()
     if interactive:
         stderr.print(f"[dim]{HELP}[/]")
@@ -59,19 +53,18 @@ def chat(file: FileArg, options: dict) -> None:
             stderr.print(HELP)
             continue
         if line.startswith("/file"):
+            path = Path(line.removeprefix("/file").strip())
             try:
-                tokens, tokens_path = _encode(loaded, Path(line[len("/file") :].strip())), Path(line[5:].strip())
-                stderr.print(f"[dim]now listening to {tokens_path}[/]")
+                tokens = _encode(loaded, path)
+                stderr.print(f"[dim]now listening to {path}[/]")
             except AudioError as exc:
                 stderr.print(f"[red]salmonn: error:[/] {exc}")
             continue
         if line.startswith("/"):
             stderr.print(f"[red]unknown command {line.split()[0]}[/]: {HELP}")
             continue
-        generator = (
-            torch.Generator(device=loaded.model.device).manual_seed(decode.seed) if decode.seed is not None else None
-        )
-        result = loaded.model.answer(tokens, line, settings, lora_scale=decode.lora_scale, generator=generator)
+        generator = seeded_generator(decode.seed, loaded.model.device)  # each answer as if it were the first
+        result = loaded.model.answer(tokens, line, decode.options, lora_scale=decode.lora_scale, generator=generator)
         print(result.text.strip(), flush=True)
 
 

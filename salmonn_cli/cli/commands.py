@@ -8,6 +8,8 @@ import typing
 from collections.abc import Callable
 from dataclasses import fields
 
+from ..decode_options import DecodeOptions
+from ..longform import LongformSettings
 from .options import (
     BatchSizeOpt,
     BeamsOpt,
@@ -39,38 +41,42 @@ from .options import (
     WholeOpt,
 )
 
+_MODEL = ModelChoice()
 MODEL_OPTIONS: dict[str, tuple[object, object]] = {
-    "model": (ModelOpt, "salmonn-13b"),
-    "whisper": (WhisperOpt, None),
-    "beats": (BeatsOpt, None),
-    "llm": (LlmOpt, None),
-    "checkpoint": (CheckpointOpt, None),
-    "quant": (QuantOpt, "auto"),
-    "quant_backend": (QuantBackendOpt, "auto"),
-    "device": (DeviceOpt, "auto"),
-    "offline": (OfflineOpt, False),
+    "model": (ModelOpt, _MODEL.model),
+    "whisper": (WhisperOpt, _MODEL.whisper),
+    "beats": (BeatsOpt, _MODEL.beats),
+    "llm": (LlmOpt, _MODEL.llm),
+    "checkpoint": (CheckpointOpt, _MODEL.checkpoint),
+    "quant": (QuantOpt, _MODEL.quant),
+    "quant_backend": (QuantBackendOpt, _MODEL.quant_backend),
+    "device": (DeviceOpt, _MODEL.device),
+    "offline": (OfflineOpt, _MODEL.offline),
 }
+_DECODE = DecodeOptions()
+NO_SAMPLING = 0.0  # --temperature 0: the original's deterministic decoding
 DECODE_OPTIONS: dict[str, tuple[object, object]] = {
     "lora_scale": (LoraScaleOpt, None),
-    "beams": (BeamsOpt, 4),
-    "max_new_tokens": (MaxTokensOpt, 200),
-    "temperature": (TemperatureOpt, 0.0),
-    "top_p": (TopPOpt, 0.9),
+    "beams": (BeamsOpt, _DECODE.num_beams),
+    "max_new_tokens": (MaxTokensOpt, _DECODE.max_new_tokens),
+    "temperature": (TemperatureOpt, NO_SAMPLING),
+    "top_p": (TopPOpt, _DECODE.top_p),
     "seed": (SeedOpt, None),
 }
+_LONGFORM = LongformSettings()
 TASK_OPTIONS: dict[str, tuple[object, object]] = {
     "instruction": (InstructionOpt, None),
-    "force": (ForceOpt, False),
+    "force": (ForceOpt, _LONGFORM.force),
     "format": (FormatOpt, "text"),
     "output_dir": (OutputDirOpt, None),
     "overwrite": (OverwriteOpt, False),
     "recursive": (RecursiveOpt, False),
     "glob": (GlobOpt, None),
     "manifest": (ManifestOpt, None),
-    "vad": (VadOpt, True),
-    "batch_size": (BatchSizeOpt, 1),
+    "vad": (VadOpt, _LONGFORM.vad),
+    "batch_size": (BatchSizeOpt, _LONGFORM.batch_size),
 }
-WHOLE_OPTION: dict[str, tuple[object, object]] = {"whole": (WholeOpt, False)}
+WHOLE_OPTION: dict[str, tuple[object, object]] = {"whole": (WholeOpt, _LONGFORM.whole)}
 
 
 def with_options(*groups: dict[str, tuple[object, object]]) -> Callable[[Callable], Callable]:
@@ -103,4 +109,14 @@ def model_choice(options: dict) -> ModelChoice:
 
 
 def decode_choice(options: dict) -> DecodeChoice:
-    return DecodeChoice(**{f.name: options[f.name] for f in fields(DecodeChoice)})
+    """The decoding options as one `DecodeOptions`: `--temperature 0` is no sampling, above 0 samples at it."""
+    temperature = options["temperature"]
+    sampling = temperature > NO_SAMPLING
+    decode = DecodeOptions(
+        max_new_tokens=options["max_new_tokens"],
+        num_beams=options["beams"],
+        do_sample=sampling,
+        temperature=temperature if sampling else _DECODE.temperature,
+        top_p=options["top_p"],
+    )
+    return DecodeChoice(decode, seed=options["seed"], lora_scale=options["lora_scale"])

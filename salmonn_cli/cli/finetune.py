@@ -14,12 +14,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import UsageError
+from ..errors import EXIT_INTERRUPTED, AudioError, UsageError
+from ..finetune.config import FinetuneConfig
 from .commands import DECODE_OPTIONS, MODEL_OPTIONS, decode_choice, model_choice, with_options
 from .options import FilesArg
 
 TRAIN_PANEL = "Training"
-EXIT_INTERRUPTED = 130
+_CONFIG = FinetuneConfig()  # the option defaults are the config's
 # `--quant` defaults to 4bit (QLoRA) here and `--quant-backend auto` means bitsandbytes on CPU too (NF4 in
 # float32, where quanto would force bfloat16), so both are declared here instead of shared.
 TrainQuantBackendOpt = Annotated[
@@ -56,19 +57,23 @@ def train(
     val_split: Annotated[float, _opt("--val-split", min=0.0, max=0.9, help="Hold out this share.")] = 0.0,
     val: Annotated[Optional[Path], _opt("--val", help="Held-out examples (jsonl) for a validation loss.")] = None,
     steps: Annotated[Optional[int], _opt("--steps", min=1, help="Optimizer steps (default: from --epochs).")] = None,
-    epochs: Annotated[int, _opt("--epochs", min=1, help="Passes over the data.")] = 10,
-    lr: Annotated[float, _opt("--lr", min=0.0, help="Peak learning rate.")] = 1e-4,
-    batch_size: Annotated[int, _opt("--batch-size", min=1, help="Examples per forward pass.")] = 1,
-    grad_accum: Annotated[int, _opt("--grad-accum", min=1, help="Forward passes per optimizer step.")] = 4,
-    seed: Annotated[int, _opt("--seed", help="Seed of the data order, dropout and split.")] = 0,
-    save_every: Annotated[int, _opt("--save-every", min=1, help="Save the state every N steps.")] = 10,
-    eval_every: Annotated[int, _opt("--eval-every", min=1, help="Validation loss every N steps.")] = 10,
+    epochs: Annotated[int, _opt("--epochs", min=1, help="Passes over the data.")] = _CONFIG.epochs,
+    lr: Annotated[float, _opt("--lr", min=0.0, help="Peak learning rate.")] = _CONFIG.lr,
+    batch_size: Annotated[int, _opt("--batch-size", min=1, help="Examples per forward pass.")] = _CONFIG.batch_size,
+    grad_accum: Annotated[int, _opt("--grad-accum", min=1, help="Forward passes per optimizer step.")] = (
+        _CONFIG.grad_accum
+    ),
+    seed: Annotated[int, _opt("--seed", help="Seed of the data order, dropout and split.")] = _CONFIG.seed,
+    save_every: Annotated[int, _opt("--save-every", min=1, help="Save the state every N steps.")] = _CONFIG.save_every,
+    eval_every: Annotated[int, _opt("--eval-every", min=1, help="Validation loss every N steps.")] = _CONFIG.eval_every,
     resume: Annotated[bool, _opt("--resume", help="Continue the run saved in --output-dir.")] = False,
     train_connector: Annotated[
         bool, _opt("--train-connector", help="Also train the Q-Former and the projection.")
     ] = False,
-    max_text_tokens: Annotated[int, _opt("--max-text-tokens", min=1, help="Longest response, in tokens.")] = 300,
-    quant: Annotated[str, typer.Option("--quant", "-q", help=QUANT_HELP, rich_help_panel="Model")] = "4bit",
+    max_text_tokens: Annotated[int, _opt("--max-text-tokens", min=1, help="Longest response, in tokens.")] = (
+        _CONFIG.max_text_tokens
+    ),
+    quant: Annotated[str, typer.Option("--quant", "-q", help=QUANT_HELP, rich_help_panel="Model")] = _CONFIG.quant,
 ) -> None:
     """Few-shot activation tuning: a few steps on a dozen long answers at LoRA scale 4.0 (QLoRA).
 
@@ -78,8 +83,6 @@ def train(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from ..finetune.config import FinetuneConfig
-
     if few_shot is None or output_dir is None:
         raise UsageError("salmonn finetune needs --few-shot DATA.jsonl and --output-dir OUT (or: make-data --help)")
     config = FinetuneConfig(
@@ -98,12 +101,12 @@ def _train(config, few_shot: Path, out_dir: Path, val: Path | None, val_split: f
     from ..finetune.progress import Reporter
     from ..finetune.recipe import run_finetune
     from ..finetune.save import check_output_dir
-    from ..tokenizer import load_text_codec
+    from ..tokenizer import load_tokenizer
     from .runner import open_model, stderr
 
     check_output_dir(out_dir, resume=resume)  # before anything slow: a taken folder is a usage error
     choice, spec_name = _resolved_choice(options, config)
-    data = load_data(few_shot, tokenizer=load_text_codec(choice.llm), max_text_tokens=config.max_text_tokens,
+    data = load_data(few_shot, tokenizer=load_tokenizer(choice.llm), max_text_tokens=config.max_text_tokens,
                      val_path=val, val_split=val_split, seed=config.seed)  # fmt: skip
     stderr.print(f"[bold]finetune[/] {spec_name}: {len(data.train)} training, {len(data.val)} validation examples")
     for line in config.describe(len(data.train)):
@@ -128,15 +131,10 @@ def _train(config, few_shot: Path, out_dir: Path, val: Path | None, val_split: f
 def _resolved_choice(options: dict, config):
     """The model choice with all four components resolved to local paths (downloaded when missing and online),
     and the quantisation training uses: bitsandbytes unless a backend is named."""
-    from ..hub import resolve_components
-    from ..model_file import load_model_spec, with_local_components
-    from .runner import offline_requested
+    from .runner import resolve_model
 
     choice = model_choice(options)
-    spec = with_local_components(load_model_spec(choice.model), whisper=choice.whisper, beats=choice.beats,
-                                 llm=choice.llm, checkpoint=choice.checkpoint)  # fmt: skip
-    offline = offline_requested(choice)
-    paths = resolve_components(spec, offline=offline, download=not offline)
+    spec, paths = resolve_model(choice)
     backend = "bitsandbytes" if config.quant_backend == "auto" else config.quant_backend
     resolved = replace(choice, whisper=paths.whisper, beats=paths.beats, llm=paths.llm, checkpoint=paths.checkpoint,
                        quant=config.quant, quant_backend=backend)  # fmt: skip
@@ -163,7 +161,9 @@ def make_data(
     """Make activation data: the model's own answers at a lowered LoRA scale (default 2.0) about the first 30 s
     of each file, written as jsonl for review and `salmonn finetune --few-shot`."""
     from ..finetune.data import TASK_PRESETS
-    from ..finetune.make_data import MAKE_DATA_LORA_SCALE, make_examples, plan_inputs, write_examples
+    from ..finetune.make_data import make_examples, plan_inputs, write_examples
+    from ..generate import seeded_generator
+    from ..model_file import WAKE_UP_LORA_SCALE
     from .runner import open_model, stderr
 
     if instruction is None and task not in TASK_PRESETS:
@@ -173,32 +173,22 @@ def make_data(
         raise UsageError("--instruction is empty")
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        from ..errors import AudioError
-
         raise AudioError(f"audio file not found: {', '.join(missing)}")
     decode = decode_choice(options)
-    inputs = plan_inputs(files, n, sampling=decode.temperature > 0)
+    inputs = plan_inputs(files, n, sampling=decode.options.do_sample)
     loaded = open_model(model_choice(options))
-    scale = MAKE_DATA_LORA_SCALE if decode.lora_scale is None else decode.lora_scale
+    scale = decode.scale_for(WAKE_UP_LORA_SCALE)
 
     def show(i: int, example, path: Path) -> None:
         answer = "(empty answer: skipped)" if example is None else example.response[:70].replace("\n", " ")
         stderr.print(f"[{i + 1}/{len(inputs)}] {path.name}: {answer}")
 
-    made = make_examples(loaded.model, inputs, text, lora_scale=scale, decode_kwargs=decode.generate_kwargs(),
-                         generator=_generator(loaded.model, decode.seed), on_example=show)  # fmt: skip
+    generator = seeded_generator(decode.seed, loaded.model.device)  # reproducible data when sampling
+    made = make_examples(loaded.model, inputs, text, decode.options, lora_scale=scale, generator=generator,
+                         on_example=show)  # fmt: skip
     write_examples(output, made)
     stderr.print(f"wrote {len(made)} example(s) to {output} (LoRA scale {scale}); review them, then:"
                  f" salmonn finetune --few-shot {output} -o OUT")  # fmt: skip
     if len(made) < len(inputs):
         raise typer.Exit(1)
 
-
-def _generator(model, seed: int | None):
-    """A generator for sampled decoding, seeded when --seed is given (reproducible data)."""
-    if seed is None:
-        return None
-    import torch
-
-    torch.manual_seed(seed)
-    return torch.Generator(device=model.device).manual_seed(seed)

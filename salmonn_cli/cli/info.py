@@ -9,25 +9,25 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from quantize.memory import GIB
+from quantize.spec import MODES
+
+from ..errors import UsageError
+from ..model_file import ROLES
 from .options import FormatOpt, ModelOpt, OfflineOpt
 from .runner import stderr
-
-MODES = ("none", "8bit", "4bit")
-GIB = 1024**3
 
 
 def _estimates(spec) -> dict[str, float]:
     """GPU memory (GiB) each quantisation needs for this model: LLM + encoders in fp16 + cache and overhead."""
     from quantize.memory import estimate_memory
 
-    s = spec.sizes
-    encoders = s.whisper_encoder_params + s.beats_params + s.connector_params
-    return {mode: round(estimate_memory(s.llm_params, encoders, mode).total_gib, 1) for mode in MODES}
+    sizes = spec.sizes
+    return {mode: round(estimate_memory(sizes.llm_params, sizes.encoder_params, mode).total_gib, 1) for mode in MODES}
 
 
 def download(model: ModelOpt = "salmonn-13b", offline: OfflineOpt = False) -> None:
     """Fetch every component of a model into the Hugging Face cache (resumable; verified by size and sha256)."""
-    from ..errors import UsageError
     from ..hub import download as fetch
     from ..hub import is_offline
     from ..model_file import load_model_spec
@@ -36,7 +36,7 @@ def download(model: ModelOpt = "salmonn-13b", offline: OfflineOpt = False) -> No
         raise UsageError("download needs the network, but offline mode is on (--offline or HF_HUB_OFFLINE=1)")
     spec = load_model_spec(model)
     paths = fetch(spec, progress=lambda line: stderr.print(f"[dim]{line}[/]"))
-    for name in ("whisper", "beats", "llm", "checkpoint"):
+    for name in ROLES:
         print(f"{name}\t{getattr(paths, name)}")
 
 

@@ -15,14 +15,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import UsageError
+from ..errors import EXIT_INTERRUPTED, UsageError
+from ..window import SAMPLE_RATE, WINDOW_SECONDS
 from .commands import DECODE_OPTIONS, MODEL_OPTIONS, decode_choice, model_choice, with_options
+from .options import DecodeChoice
 from .runner import Task, oom_hint, open_model, stderr, warn
 
 LIVE_PANEL = "Live"
 TASKS = ("transcribe", "caption", "ask")
 CAPTION_WINDOW_S = 10.0  # caption windows unless --window says otherwise
-EXIT_INTERRUPTED = 130
 
 
 def _clock(seconds: float) -> str:
@@ -46,8 +47,6 @@ class _Outputs:
         self.audio_path, self.recording = save_audio, None
         if save_audio is not None:
             import soundfile as sf
-
-            from ..audio import SAMPLE_RATE
 
             kind = (save_audio.suffix.lstrip(".") or "wav").upper()
             self.recording = sf.SoundFile(_part(save_audio), "w", SAMPLE_RATE, 1, subtype="PCM_16", format=kind)
@@ -155,20 +154,16 @@ def _check_paths(request: LiveRequest) -> None:
         raise UsageError(f"--save-audio {request.save_audio}: use a .wav or .flac file")
 
 
-def _answerer(loaded, task: Task, decode):
+def _answerer(loaded, task: Task, decode: DecodeChoice):
     """audio -> text for this task, with the user's decoding options."""
-    kwargs = decode.generate_kwargs()
-    scale = decode.lora_scale if decode.lora_scale is not None else task.lora_scale
-    generator = None
-    if decode.seed is not None:
-        import torch
+    from ..generate import seeded_generator
 
-        torch.manual_seed(decode.seed)
-        generator = torch.Generator(device=loaded.model.device).manual_seed(decode.seed)
+    scale, options = decode.scale_for(task.lora_scale), decode.options
+    generator = seeded_generator(decode.seed, loaded.model.device)
 
     def answer(audio) -> str:
         with oom_hint(loaded):
-            return loaded.model.generate(audio, task.instruction, lora_scale=scale, generator=generator, **kwargs).text
+            return loaded.model.generate(audio, task.instruction, options, lora_scale=scale, generator=generator).text
 
     return answer
 
@@ -181,7 +176,7 @@ def _open_source(request: LiveRequest):
         pace = "fast" if request.fast else "real-time pace"
         return FileSource.from_file(request.input, fast=request.fast), f"{request.input} ({pace})"
     source = open_microphone(request.capture_device)
-    rate = "" if source.rate == 16_000 else f", {source.rate} Hz resampled to 16 kHz"
+    rate = "" if source.rate == SAMPLE_RATE else f", {source.rate} Hz resampled to 16 kHz"
     return source, f"input device {source.device.index} ({source.device.name}{rate})"
 
 
@@ -204,7 +199,7 @@ WindowOpt = Annotated[
     Optional[float],
     _opt(
         min=0.2,
-        max=30.0,
+        max=WINDOW_SECONDS,
         help=f"Fixed windows of S seconds (caption: {CAPTION_WINDOW_S:g}; ask: utterances unless given).",
     ),
 ]

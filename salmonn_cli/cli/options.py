@@ -8,6 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..decode_options import DecodeOptions
+from ..model_file import BUILTIN_DEFAULT
+
 MODEL_PANEL = "Model"
 DECODE_PANEL = "Decoding"
 OUTPUT_PANEL = "Output"
@@ -143,7 +146,7 @@ OptionalFilesArg = Annotated[
 class ModelChoice:
     """Which model to load and how."""
 
-    model: str = "salmonn-13b"
+    model: str = BUILTIN_DEFAULT
     whisper: Path | None = None
     beats: Path | None = None
     llm: Path | None = None
@@ -156,21 +159,12 @@ class ModelChoice:
 
 @dataclass(frozen=True)
 class DecodeChoice:
-    """How to decode, as the user asked."""
+    """How to decode, as the user asked: the decoding settings, the seed of sampling and the LoRA scale."""
 
-    beams: int = 4
-    max_new_tokens: int = 200
-    temperature: float = 0.0
-    top_p: float = 0.9
+    options: DecodeOptions = DecodeOptions()
     seed: int | None = None
-    lora_scale: float | None = None
+    lora_scale: float | None = None  # None: the task's own, else the model's trained scaling
 
-    def generate_kwargs(self) -> dict:
-        """Keyword arguments for `SalmonnModel.generate`/`DecodeOptions`."""
-        return {
-            "max_new_tokens": self.max_new_tokens,
-            "num_beams": self.beams,
-            "do_sample": self.temperature > 0,
-            "temperature": self.temperature if self.temperature > 0 else 1.0,
-            "top_p": self.top_p,
-        }
+    def scale_for(self, task_scale: float | None) -> float | None:
+        """The LoRA scale a task runs at: the user's, else the task's (None: the model's trained scaling)."""
+        return self.lora_scale if self.lora_scale is not None else task_scale

@@ -38,10 +38,9 @@ def _auto_mode(spec, device) -> str:
     from quantize.memory import available_host_bytes, choose_cpu_mode, choose_mode
 
     sizes = spec.sizes
-    encoders = sizes.whisper_encoder_params + sizes.beats_params + sizes.connector_params
     if device.type == "cuda":
         import torch
 
         free_bytes, _ = torch.cuda.mem_get_info(device)
-        return choose_mode(free_bytes, sizes.llm_params, encoders)
-    return choose_cpu_mode(available_host_bytes(), sizes.llm_params, encoders)
+        return choose_mode(free_bytes, sizes.llm_params, sizes.encoder_params)
+    return choose_cpu_mode(available_host_bytes(), sizes.llm_params, sizes.encoder_params)

@@ -3,17 +3,22 @@ print each result as it finishes, report each failure and go on; the exit code s
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from ..errors import OutOfMemoryError, SalmonnError
 from ..output import Record
 from .options import DecodeChoice, ModelChoice
+
+if TYPE_CHECKING:
+    from ..inputs import InputItem
+    from ..longform import LongformSettings
+    from .batch import OutputPlan
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)  # one message = one line, never wrapped
 
@@ -43,16 +48,11 @@ def warn(message: str) -> None:
     stderr.print(f"[yellow]salmonn: warning:[/] {message}")
 
 
-def offline_requested(choice: ModelChoice) -> bool:
-    return choice.offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def open_model(choice: ModelChoice) -> LoadedModel:
-    """Resolve the model's components (downloading what is missing unless offline) and load it, with progress."""
+def resolve_model(choice: ModelChoice):
+    """(the model file's `ModelSpec` with the user's local components, `ComponentPaths` of all four): what is
+    missing is downloaded unless offline (--offline, HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
     from ..hub import resolve_components
-    from ..loading import load_model, resolve_device
     from ..model_file import load_model_spec, with_local_components
-    from .quant import pick_quantization
 
     spec = with_local_components(
         load_model_spec(choice.model),
@@ -61,35 +61,43 @@ def open_model(choice: ModelChoice) -> LoadedModel:
         llm=choice.llm,
         checkpoint=choice.checkpoint,
     )
-    paths = resolve_components(spec, offline=offline_requested(choice), download=not offline_requested(choice))
+    return spec, resolve_components(spec, offline=choice.offline)  # hub.is_offline decides, with the env
+
+
+def open_model(choice: ModelChoice) -> LoadedModel:
+    """Resolve the model's components (downloading what is missing unless offline) and load it, with progress."""
+    from ..loading import load_model, resolve_device
+    from .quant import pick_quantization
+
+    model_spec, paths = resolve_model(choice)
     device = resolve_device(choice.device)
     if device.type == "cpu" and choice.device == "auto":
         warn("no CUDA GPU found: running on the CPU, which is slow")
-    quant = pick_quantization(choice.quant, choice.quant_backend, spec, device)
+    quant = pick_quantization(choice.quant, choice.quant_backend, model_spec, device)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # our status line says what is loading
     started = time.perf_counter()
-    with stderr.status(f"Loading {spec.name} on {device} (LLM {quant.describe()})…"):
+    with stderr.status(f"Loading {model_spec.name} on {device} (LLM {quant.describe()})…"):
         model = load_model(
             paths.whisper,
             paths.beats,
             paths.llm,
             paths.checkpoint,
-            device=str(device),
+            device=device,
             quantization=quant.spec,
-            second_per_window=spec.settings.second_per_window,
-            second_stride=spec.settings.second_stride,
-            qformer_heads=spec.settings.qformer_heads,
-            lora_scale=spec.settings.lora_scale,
-            prompt_template=spec.settings.prompt_template,
+            settings=model_spec.settings,
         )
-    stderr.print(f"[dim]Loaded {spec.name} in {time.perf_counter() - started:.1f} s[/]")
-    known_sha = None if spec.checkpoint.path else next((s.sha256 for s in spec.checkpoint.sources if s.sha256), None)
-    return LoadedModel(model, spec.name, Path(paths.checkpoint).name, quant.describe(), str(device), known_sha)
+    stderr.print(f"[dim]Loaded {model_spec.name} in {time.perf_counter() - started:.1f} s[/]")
+    checkpoint = model_spec.checkpoint
+    known_sha = None if checkpoint.path else next((s.sha256 for s in checkpoint.sources if s.sha256), None)
+    return LoadedModel(model, model_spec.name, Path(paths.checkpoint).name, quant.describe(), str(device), known_sha)
 
 
-def run_task(loaded: LoadedModel, task: Task, items: list, decode: DecodeChoice, plan, settings) -> int:
+def run_task(
+    loaded: LoadedModel, task: Task, items: list[InputItem], decode: DecodeChoice, plan: OutputPlan,
+    settings: LongformSettings,
+) -> int:
     """Run `task` on each input in turn (skipping those already done); emit each result as it finishes;
     report each failure and go on. Returns the exit code: 0, or the first failure's."""
     from .batch import Tally
@@ -138,17 +146,21 @@ def _progress(total: int):
         yield advance
 
 
-def answer_item(loaded: LoadedModel, task: Task, item, decode: DecodeChoice, settings) -> Record:
+def answer_item(
+    loaded: LoadedModel, task: Task, item: InputItem, decode: DecodeChoice, settings: LongformSettings
+) -> Record:
     """One input -> one Record: the whole file, in <= 30 s segments cut at pauses (silent ones not run)."""
     from ..audio import SAMPLE_RATE, load_audio
+    from ..generate import seeded_generator
     from ..longform import answer_file
 
     waveform = load_audio(item.path)
     instruction = item.instruction or task.instruction
-    scale = decode.lora_scale if decode.lora_scale is not None else task.lora_scale
+    scale = decode.scale_for(task.lora_scale)
+    generator = seeded_generator(decode.seed, loaded.model.device)
     with oom_hint(loaded):
-        answer = answer_file(loaded.model, waveform, instruction, decode.generate_kwargs(), settings,
-                             lora_scale=scale, generator=_generator(loaded, decode))  # fmt: skip
+        answer = answer_file(loaded.model, waveform, instruction, decode.options, settings, lora_scale=scale,
+                             generator=generator)  # fmt: skip
     if answer.skipped == "silence":
         warn(f"{item.path}: no audible content (silence); nothing to answer. Use --force to run the model anyway")
     return Record(
@@ -160,7 +172,7 @@ def answer_item(loaded: LoadedModel, task: Task, item, decode: DecodeChoice, set
         checkpoint=loaded.checkpoint,
         quantization=loaded.quantization,
         lora_scale=scale if scale is not None else loaded.model.settings.trained_lora_scale,
-        decode=decode.generate_kwargs(),
+        decode=asdict(decode.options),
         audio_seconds=round(waveform.shape[0] / SAMPLE_RATE, 3),
         timings={k: round(v, 4) for k, v in answer.timings.items()},
         token_count=answer.token_count,
@@ -169,15 +181,6 @@ def answer_item(loaded: LoadedModel, task: Task, item, decode: DecodeChoice, set
         segments=answer.cues,
         extra={"segments_total": answer.segments, "segments_answered": answer.answered},
     )
-
-
-def _generator(loaded: LoadedModel, decode: DecodeChoice):
-    if decode.seed is None:
-        return None
-    import torch
-
-    torch.manual_seed(decode.seed)
-    return torch.Generator(device=loaded.model.device).manual_seed(decode.seed)
 
 
 @contextmanager

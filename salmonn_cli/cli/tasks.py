@@ -1,5 +1,5 @@
 """The task commands: ask, transcribe, translate, caption, story. Each picks its instruction (the original's
-test prompts, DESIGN.md section 1); `--instruction` or a jsonl manifest's per-file instruction overrides it.
+test prompts, `prompt.TASK_INSTRUCTIONS`); `--instruction` or a jsonl manifest's per-file instruction overrides it.
 Any length of audio: long files are cut at pauses into <= 30 s segments (see salmonn_cli.longform)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ..errors import AudioError, UsageError
+from ..model_file import WAKE_UP_LORA_SCALE
 from .commands import (
     DECODE_OPTIONS,
     MODEL_OPTIONS,
@@ -23,7 +24,6 @@ from .commands import (
 from .options import FileArg, OptionalFilesArg
 from .runner import Task, open_model, run_task
 
-STORY_LORA_SCALE = 2.0  # the paper: story-telling wakes up at about half the trained scaling
 SPEECH_TASKS = ("transcribe", "translate")  # joined as running text, subtitles follow the speech
 
 task_options = with_options(MODEL_OPTIONS, DECODE_OPTIONS, TASK_OPTIONS)
@@ -121,7 +121,7 @@ def story(file: FileArg, options: dict) -> None:
     """Write a story inspired by the audio (LoRA scale 2.0 unless --lora-scale says otherwise)."""
     from ..prompt import TASK_INSTRUCTIONS
 
-    run(Task("story", TASK_INSTRUCTIONS["story"], lora_scale=STORY_LORA_SCALE), [file], options)
+    run(Task("story", TASK_INSTRUCTIONS["story"], lora_scale=WAKE_UP_LORA_SCALE), [file], options)
 
 
 def register(app: typer.Typer) -> None:

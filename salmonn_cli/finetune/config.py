@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from ..errors import UsageError
+from quantize.spec import MODES as QUANT_MODES
 
-QUANT_MODES = ("4bit", "8bit", "none")
+from ..errors import UsageError
+from ..prompt import MAX_TARGET_TOKENS
 
 # Fields that change the numbers a run computes. A resumed run must agree with the saved one on all of them;
 # the others (how often to save / evaluate) may change between the two halves of a run.
@@ -41,8 +42,8 @@ class FinetuneConfig:
     quant: str = "4bit"  # the LLM's base weights: 4bit NF4 = QLoRA; 8bit; none
     quant_backend: str = "auto"  # auto = bitsandbytes (NF4/int8, the QLoRA standard) on CUDA and CPU
     train_connector: bool = False  # also train the Q-Former, LayerNorms, query tokens and projection
-    max_text_tokens: int = 300  # the original's max_txt_len: responses longer than this are refused
-    lora_scale: float = 4.0  # the scaling LoRA is trained at (alpha 32 / r 8); inference uses it by default
+    max_text_tokens: int = MAX_TARGET_TOKENS  # responses longer than this are refused
+    lora_scale: float | None = None  # None: the model's trained scaling, which inference uses by default
     lora_dropout: float = 0.1  # the original's LoRA dropout, active only while training
 
     def __post_init__(self) -> None:

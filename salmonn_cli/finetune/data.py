@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AudioError, UsageError
-from ..prompt import END_SYMBOL, TASK_INSTRUCTIONS
+from ..prompt import END_SYMBOL, MAX_TARGET_TOKENS, TASK_INSTRUCTIONS
 
 # Presets a data line may name: those whose instruction is complete (translate needs a language filled in).
 TASK_PRESETS: dict[str, str] = {k: v for k, v in TASK_INSTRUCTIONS.items() if "{" not in v}
@@ -69,8 +69,8 @@ class FewShotData:
     val_sha256: str | None
 
 
-def check_line(text: str, source: Path, line: int, *, tokenizer=None, max_text_tokens: int = 300):
-    """One jsonl line -> a FewShotExample, or a BadLine saying why not. `tokenizer` (a TextCodec) checks length."""
+def check_line(text: str, source: Path, line: int, *, tokenizer=None, max_text_tokens: int = MAX_TARGET_TOKENS):
+    """One jsonl line -> a FewShotExample, or a BadLine saying why not. `tokenizer` (a Tokenizer) checks length."""
 
     def bad(reason: str) -> BadLine:
         return BadLine(source, line, reason)
@@ -142,7 +142,7 @@ def _audio_problem(path: Path) -> str | None:
 
 
 def read_examples(
-    path: str | Path, *, tokenizer=None, max_text_tokens: int = 300
+    path: str | Path, *, tokenizer=None, max_text_tokens: int = MAX_TARGET_TOKENS
 ) -> tuple[list[FewShotExample], list[BadLine]]:
     """All examples of a jsonl file and all its bad lines (blank lines are skipped)."""
     path = Path(path)
@@ -194,7 +194,7 @@ def load_data(
     path: str | Path,
     *,
     tokenizer=None,
-    max_text_tokens: int = 300,
+    max_text_tokens: int = MAX_TARGET_TOKENS,
     val_path: str | Path | None = None,
     val_split: float = 0.0,
     seed: int = 0,

@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_text_atomically
+from ..decode_options import DecodeOptions
 from ..errors import UsageError
-from .state import write_atomically
-
-MAKE_DATA_LORA_SCALE = 2.0  # the paper: about half the trained scaling wakes the untrained abilities
+from ..model_file import WAKE_UP_LORA_SCALE
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,9 @@ def make_examples(
     model,
     files: Sequence[Path],
     instruction: str,
+    options: DecodeOptions,
     *,
-    lora_scale: float = MAKE_DATA_LORA_SCALE,
-    decode_kwargs: dict,
+    lora_scale: float = WAKE_UP_LORA_SCALE,
     generator=None,
     on_example: Callable[[int, MadeExample | None, Path], None] | None = None,
 ) -> list[MadeExample]:
@@ -67,8 +67,7 @@ def make_examples(
 
     made: list[MadeExample] = []
     for i, path in enumerate(files):
-        result = model.generate(load_audio(path), instruction, lora_scale=lora_scale, generator=generator,
-                                **decode_kwargs)  # fmt: skip
+        result = model.generate(load_audio(path), instruction, options, lora_scale=lora_scale, generator=generator)
         text = result.text.strip()
         example = MadeExample(Path(path), instruction, text) if text else None
         if example is not None:
@@ -81,7 +80,5 @@ def make_examples(
 def write_examples(path: Path, examples: Sequence[MadeExample]) -> None:
     """Write the examples as jsonl, atomically; audio paths relative to the file's folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps(ex.record(path.parent), ensure_ascii=False) for ex in examples]
-    text = "".join(line + "\n" for line in lines)
-    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text_atomically(path, "".join(line + "\n" for line in lines))

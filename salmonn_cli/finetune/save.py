@@ -12,11 +12,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_atomically
 from ..checkpoint import original_lora_key, read_salmonn_checkpoint, salmonn_state_dict
 from ..errors import UsageError
 from .config import FinetuneConfig
 from .data import FewShotData
-from .state import STATE_FILE, write_atomically
+from .state import STATE_FILE
 
 CHECKPOINT_FILE = "salmonn.pth"
 SAFETENSORS_FILE = "salmonn.safetensors"

@@ -6,11 +6,11 @@ Everything in it loads with `torch.load(weights_only=True)`: tensors, numbers, s
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..atomic import write_atomically
 from ..errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -52,19 +52,6 @@ def _to_lists(value):
     return [_to_lists(v) for v in value] if isinstance(value, tuple) else value
 
 
-def write_atomically(path: Path, write) -> None:
-    """Call `write(tmp_path)`, flush it to disk, then rename it over `path` (atomic on POSIX and Windows)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_state(out_dir: Path, state: dict) -> Path:
     """Write the training state to `out_dir/state.pt` atomically; returns its path."""
     import torch
@@ -76,7 +63,7 @@ def save_state(out_dir: Path, state: dict) -> Path:
 
 def load_state(out_dir: Path) -> dict:
     """The saved training state of a run in `out_dir` (CheckpointError when it is not one of ours)."""
-    from ..checkpoint import torch_load
+    from ..weights import torch_load
 
     path = Path(out_dir) / STATE_FILE
     state = torch_load(path)

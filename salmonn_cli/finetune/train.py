@@ -26,8 +26,7 @@ from .. import prompt as prompts
 from ..audio import load_audio
 from ..checkpoint import original_lora_key
 from ..errors import UsageError
-from ..llm import input_embeddings
-from ..llm import lora_scale as scaled_lora
+from ..llm import input_embeddings, scaled_lora
 from .config import FinetuneConfig
 from .data import FewShotExample
 from .progress import Reporter, StepLog
@@ -158,8 +157,7 @@ class Trainer:
         if key not in self._cache:
             waveform = load_audio(example.audio)
             with torch.no_grad():
-                speech = self.model.encode_speech(self.model.whisper_features(waveform))  # (1, 1500, Dw)
-                audio = self.model.encode_audio(self.model.beats_features(waveform))  # (1, Tb, Db)
+                speech, audio = self.model.encode(waveform)  # (1, 1500, Dw), (1, Tb, Db)
                 if self.config.train_connector:
                     self._cache[key] = (speech.cpu(), audio.cpu())
                 else:
@@ -176,7 +174,7 @@ class Trainer:
         targets = prompts.target_ids(self.model.tokenizer, example.response, self.config.max_text_tokens)
         table = input_embeddings(self.model.llm)
         ids = self.model.prompt_ids(example.instruction)
-        return prompts.assemble_training(table, ids, tokens, self.model.settings.bos_token_id, targets)
+        return prompts.assemble_training(table, ids, tokens, self.model.tokenizer.bos_token_id, targets)
 
     def batch_loss(self, examples) -> tuple[torch.Tensor, int]:
         """Mean next-token loss over the answers of `examples` (right-padded together) and the positions run."""
@@ -187,7 +185,8 @@ class Trainer:
         else:
             length = max(e.shape[1] for e, _ in rows)
             embeds = torch.cat([nn.functional.pad(e, (0, 0, 0, length - e.shape[1])) for e, _ in rows])
-            labels = torch.cat([nn.functional.pad(lab, (0, length - lab.shape[1]), value=-100) for _, lab in rows])
+            ignored = prompts.IGNORE_INDEX
+            labels = torch.cat([nn.functional.pad(lab, (0, length - lab.shape[1]), value=ignored) for _, lab in rows])
             mask = torch.cat([(torch.arange(length) < e.shape[1])[None] for e, _ in rows]).long()
             mask = mask.to(embeds.device)
         with scaled_lora(self.model.llm, self.config.lora_scale):

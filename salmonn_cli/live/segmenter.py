@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..audio import SAMPLE_RATE, WINDOW_SECONDS
+from ..vad import FRAME_SAMPLES, MIN_SPEECH_S, THRESHOLD, new_model
 from .source import Block
-
-FRAME = 512  # samples: one silero-vad decision per 32 ms at 16 kHz
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,10 +40,10 @@ class LiveSegment:
 class VadConfig:
     """How utterances are cut (silero's defaults where they suit live cutting)."""
 
-    threshold: float = 0.5  # silero's own default: its probabilities are calibrated around it
+    threshold: float = THRESHOLD
     release: float = 0.15  # speech ends below threshold - release (hysteresis, as VADIterator)
     min_silence_s: float = 0.5  # a pause this long ends an utterance: shorter ones are breaths between words
-    min_speech_s: float = 0.25  # shorter "speech" is a click or a cough: no segment
+    min_speech_s: float = MIN_SPEECH_S
     pad_s: float = 0.1  # audio kept before and after the speech, for soft onsets and endings
     max_s: float = WINDOW_SECONDS  # the model hears at most this much
 
@@ -131,16 +130,10 @@ class WindowSegmenter(_Cutter):
 def silero_frame_model():
     """f(frame) -> speech probability, for consecutive 512-sample frames (silero keeps state between calls).
 
-    A private instance, not `segment._vad_model()`: the streaming state must not be shared with anyone."""
-    import warnings
-
+    A model of its own, not `vad.shared_model()`: the streaming state must not be shared with anyone."""
     import torch
 
-    from ..segment import _silero
-
-    with warnings.catch_warnings():  # its loader uses deprecated importlib/jit calls
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model = _silero().load_silero_vad()
+    model = new_model()
     model.reset_states()
 
     def probability(frame: np.ndarray) -> float:
@@ -158,7 +151,7 @@ class UtteranceSegmenter(_Cutter):
         self.config = config
         self._probability = probability or silero_frame_model()
         self._pad = round(config.pad_s * SAMPLE_RATE)
-        self._frames = 0  # frames decided so far; the next one starts at sample self._frames * FRAME
+        self._frames = 0  # frames decided so far; the next one starts at sample self._frames * FRAME_SAMPLES
         self._speech_start: int | None = None  # sample where the current utterance's speech began
         self._cut_from: int | None = None  # sample where the current segment begins (pad, or a 30 s cut)
         self._silence_from: int | None = None  # start of the current run of silent frames inside speech
@@ -166,17 +159,17 @@ class UtteranceSegmenter(_Cutter):
     def feed(self, block: Block) -> list[LiveSegment]:
         self.timeline.append(block)
         out: list[LiveSegment] = []
-        while (self._frames + 1) * FRAME <= self.timeline.end:
-            first = self._frames * FRAME
-            out += self._decide(first, self._probability(self.timeline.slice(first, first + FRAME)))
+        while (self._frames + 1) * FRAME_SAMPLES <= self.timeline.end:
+            first = self._frames * FRAME_SAMPLES
+            out += self._decide(first, self._probability(self.timeline.slice(first, first + FRAME_SAMPLES)))
             self._frames += 1
         if self._cut_from is None:  # idle: keep only the pre-speech pad (and the frame being filled)
-            self.timeline.trim(self._frames * FRAME - self._pad)
+            self.timeline.trim(self._frames * FRAME_SAMPLES - self._pad)
         return out
 
     def _decide(self, first: int, prob: float) -> list[LiveSegment]:
         """One frame's decision: start, continue, end (after enough silence) or cap the utterance."""
-        c, end_of_frame = self.config, first + FRAME
+        c, end_of_frame = self.config, first + FRAME_SAMPLES
         if self._cut_from is None:
             if prob >= c.threshold:
                 self._speech_start, self._silence_from = first, None
@@ -188,7 +181,8 @@ class UtteranceSegmenter(_Cutter):
             self._silence_from = first
         if self._silence_from is not None and end_of_frame - self._silence_from >= c.min_silence_s * SAMPLE_RATE:
             return self._close(self._silence_from)
-        if end_of_frame + FRAME - self._cut_from > round(c.max_s * SAMPLE_RATE):  # one more frame would pass 30 s
+        # one more frame would pass 30 s
+        if end_of_frame + FRAME_SAMPLES - self._cut_from > round(c.max_s * SAMPLE_RATE):
             segment = self._segment(self._speech_start, end_of_frame, self._cut_from)
             self._cut_from = self._speech_start = end_of_frame
             self.timeline.trim(end_of_frame)
@@ -201,7 +195,7 @@ class UtteranceSegmenter(_Cutter):
         long_enough = speech_end - self._speech_start >= self.config.min_speech_s * SAMPLE_RATE
         out = [self._segment(self._speech_start, speech_end, self._cut_from, end)] if long_enough else []
         self._cut_from, self._speech_start, self._silence_from = None, None, None
-        self.timeline.trim(self._frames * FRAME - self._pad)
+        self.timeline.trim(self._frames * FRAME_SAMPLES - self._pad)
         return out
 
     def flush(self) -> list[LiveSegment]:

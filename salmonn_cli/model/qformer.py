@@ -15,19 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import ConnectorShape
-
-WHISPER_FRAMES_PER_30S = 1500  # Whisper encoder frames per 30 s window: 20 ms per frame
-WHISPER_SECONDS = 30.0
+from ..errors import UsageError
+from ..window import WHISPER_FRAMES_PER_WINDOW, WINDOW_SECONDS
 
 
 def window_frames(seconds: float) -> int:
     """Encoder frames in `seconds`, rounded as the original does (Python's round: half to even)."""
-    return round(WHISPER_FRAMES_PER_30S * seconds / WHISPER_SECONDS)
+    return round(WHISPER_FRAMES_PER_WINDOW * seconds / WINDOW_SECONDS)
 
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """Window length and hop in encoder frames (17 and 17 for the published 0.333333 s)."""
+    """Window length and hop in encoder frames (17 and 17 for the published third of a second)."""
 
     kernel: int
     stride: int
@@ -36,8 +35,6 @@ class WindowSpec:
     def from_seconds(cls, second_per_window: float, second_stride: float) -> "WindowSpec":
         spec = cls(window_frames(second_per_window), window_frames(second_stride))
         if spec.kernel < 1 or spec.stride < 1:
-            from ..errors import UsageError
-
             raise UsageError(f"windows of {second_per_window} s every {second_stride} s are under one encoder frame")
         return spec
 
@@ -50,8 +47,6 @@ class SpeechConnector(nn.Module):
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
         if shape.hidden % num_heads:
-            from ..errors import UsageError
-
             raise UsageError(f"Q-Former width {shape.hidden} is not divisible by {num_heads} attention heads")
         self.windows = windows
         self.ln_speech = nn.LayerNorm(shape.speech_width)
@@ -84,8 +79,32 @@ class SpeechConnector(nn.Module):
 
     def qformer_states(self, speech: torch.Tensor, audio: torch.Tensor | None) -> torch.Tensor:
         """Q-Former output per window: (B*L, Q, H), windows in time order."""
-        fused = self.fuse(speech, audio)  # (B, T, C)
-        batch, frames, channels = fused.shape
+        return self._read_windows(self.fuse(speech, audio))
+
+    def forward(self, speech: torch.Tensor, audio: torch.Tensor | None) -> torch.Tensor:
+        """Audio tokens (B, L*Q, D_llm), window-major: all Q tokens of window 0, then window 1, ..."""
+        return self._tokens(self.fuse(speech, audio))
+
+    def forward_batch(self, speech: torch.Tensor, audio: list[torch.Tensor]) -> torch.Tensor:
+        """`forward` for clips whose BEATs lengths differ: speech (B, Ts, Dw), audio[i] (1, Tb_i, Db) -> (B, N, D).
+
+        `fuse` LayerNorms each stream BEFORE zero-padding it, so padded frames are exactly 0; zero-padding BEATs
+        outputs to one length first would LayerNorm the padding into non-zero frames. So each clip is fused on its
+        own (to max(1500, Tb) = 1500 frames for <= 30 s), and the windows, Q-Former and projection run on the stack.
+        """
+        fused = [self.fuse(speech[i : i + 1], frames) for i, frames in enumerate(audio)]
+        if len({f.shape[1] for f in fused}) != 1:
+            raise ValueError(f"clips fuse to different frame counts {sorted({f.shape[1] for f in fused})}")
+        return self._tokens(torch.cat(fused))
+
+    def _tokens(self, fused: torch.Tensor) -> torch.Tensor:
+        """Fused frames (B, T, C) -> audio tokens (B, L*Q, D_llm)."""
+        tokens = self.proj(self._read_windows(fused))  # (B*L, Q, D)
+        return tokens.reshape(fused.shape[0], -1, tokens.shape[-1])
+
+    def _read_windows(self, fused: torch.Tensor) -> torch.Tensor:
+        """Fused frames (B, T, C) cut into windows, each read by the queries: (B*L, Q, H)."""
+        frames, channels = fused.shape[1], fused.shape[2]
         k, s = self.windows.kernel, self.windows.stride
         if frames < k:
             raise ValueError(f"{frames} encoder frames are fewer than one window of {k}")
@@ -93,9 +112,3 @@ class SpeechConnector(nn.Module):
         windows = fused.unfold(1, k, s).permute(0, 1, 3, 2).reshape(-1, k, channels)
         queries = self.query_tokens.expand(windows.shape[0], -1, -1)  # (B*L, Q, H)
         return self.qformer(query_embeds=queries, encoder_hidden_states=windows).last_hidden_state
-
-    def forward(self, speech: torch.Tensor, audio: torch.Tensor | None) -> torch.Tensor:
-        """Audio tokens (B, L*Q, D_llm), window-major: all Q tokens of window 0, then window 1, ..."""
-        states = self.qformer_states(speech, audio)  # (B*L, Q, H)
-        tokens = self.proj(states)  # (B*L, Q, D)
-        return tokens.reshape(speech.shape[0], -1, tokens.shape[-1])

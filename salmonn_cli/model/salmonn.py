@@ -7,14 +7,15 @@ Flow: waveform -> first 30 s (padded to >= 1 s) -> Whisper log-mel -> Whisper en
 
 Batches (`generate_batch`, `audio_tokens_batch`, `answer_batch`) are for the segments of a long file: every
 clip is at most 30 s, so all have the same number of audio tokens and one prompt length, and row i of a batch
-gives what the clip gives alone.
+gives what the clip gives alone. Only `generate` and `generate_batch` time what they do (encoding, then
+decoding); the stages below them do the work and nothing else.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,12 +23,12 @@ from torch import nn
 
 from .. import prompt as prompts
 from ..audio import model_window
+from ..decode_options import DecodeOptions, decode_options
 from ..errors import UsageError
 from ..features import beats_fbank, whisper_log_mel
-from ..generate import DecodeOptions, GenerationResult, Timings, decode_batch
-from ..llm import input_embeddings
-from ..llm import lora_scale as scaled_lora
-from ..tokenizer import TextCodec
+from ..generate import GenerationResult, Timings, decode_batch
+from ..llm import input_embeddings, scaled_lora
+from ..tokenizer import Tokenizer
 from .qformer import SpeechConnector, WindowSpec
 
 
@@ -36,11 +37,8 @@ class SalmonnSettings:
     """What the model needs besides its weights."""
 
     windows: WindowSpec
-    trained_lora_scale: float = 4.0  # the scaling every call uses unless it names its own
+    trained_lora_scale: float  # the scaling every call uses unless it names its own
     prompt_template: str = prompts.PROMPT_TEMPLATE
-    bos_token_id: int = 1
-    eos_token_id: int = 2
-    pad_token_id: int = 0
 
 
 class SalmonnModel(nn.Module):
@@ -54,7 +52,7 @@ class SalmonnModel(nn.Module):
         beats: nn.Module,
         connector: SpeechConnector,
         llm: nn.Module,
-        tokenizer: TextCodec,
+        tokenizer: Tokenizer,
         settings: SalmonnSettings,
     ) -> None:
         super().__init__()
@@ -77,12 +75,23 @@ class SalmonnModel(nn.Module):
     # -- audio -> tokens ---------------------------------------------------------------------------------
     def whisper_features(self, waveform: np.ndarray) -> torch.Tensor:
         """Log-mel of the model window: (1, 80, 3000)."""
-        mel = whisper_log_mel(self.whisper_extractor, model_window(waveform))
-        return torch.from_numpy(mel)[None]
+        return self._whisper_features(model_window(waveform))
 
     def beats_features(self, waveform: np.ndarray) -> torch.Tensor:
         """Normalised Kaldi fbank of the model window: (1, F, 128)."""
-        return torch.from_numpy(beats_fbank(model_window(waveform)))[None]
+        return self._beats_features(model_window(waveform))
+
+    def _whisper_features(self, window: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(whisper_log_mel(self.whisper_extractor, window))[None]
+
+    def _beats_features(self, window: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(beats_fbank(window))[None]
+
+    def encode(self, waveform: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both encoders on the model window of one waveform: (1, 1500, Dw), (1, Tb, Db)."""
+        window = model_window(waveform)
+        speech = self.encode_speech(self._whisper_features(window))
+        return speech, self.encode_audio(self._beats_features(window))
 
     def encode_speech(self, mel: torch.Tensor) -> torch.Tensor:
         """Whisper encoder: (B, 80, 3000) -> (B, 1500, Dw)."""
@@ -95,9 +104,7 @@ class SalmonnModel(nn.Module):
     @torch.inference_mode()
     def audio_tokens(self, waveform: np.ndarray) -> torch.Tensor:
         """Audio tokens for the first 30 s of a 16 kHz mono float32 waveform: (1, N, llm_hidden)."""
-        speech = self.encode_speech(self.whisper_features(waveform))
-        audio = self.encode_audio(self.beats_features(waveform))
-        return self.connector(speech, audio)
+        return self.connector(*self.encode(waveform))
 
     @torch.inference_mode()
     def audio_tokens_batch(self, waveforms: Sequence[np.ndarray]) -> torch.Tensor:
@@ -109,9 +116,10 @@ class SalmonnModel(nn.Module):
         """
         if len(waveforms) == 0:
             raise UsageError("audio_tokens_batch needs at least one waveform")
-        speech = self.encode_speech(torch.cat([self.whisper_features(w) for w in waveforms]))
-        audio = self._beats_by_length([self.beats_features(w) for w in waveforms])
-        return self._connect_batch(speech, audio)
+        windows = [model_window(w) for w in waveforms]
+        speech = self.encode_speech(torch.cat([self._whisper_features(w) for w in windows]))
+        audio = self._beats_by_length([self._beats_features(w) for w in windows])
+        return self.connector.forward_batch(speech, audio)
 
     def _beats_by_length(self, fbanks: list[torch.Tensor]) -> list[torch.Tensor]:
         """BEATs output (1, Tb_i, Db) per clip; filter banks of one length are encoded together."""
@@ -125,34 +133,29 @@ class SalmonnModel(nn.Module):
                 out[i] = encoded[j : j + 1]
         return out
 
-    def _connect_batch(self, speech: torch.Tensor, audio: list[torch.Tensor]) -> torch.Tensor:
-        """`connector(speech, audio)` for clips whose BEATs lengths differ: (B, N, D).
-
-        `SpeechConnector.fuse` LayerNorms each stream BEFORE zero-padding it, so padded frames are exactly 0;
-        zero-padding BEATs outputs to one length first would LayerNorm the padding into non-zero frames. So each
-        clip is fused on its own (to max(1500, Tb) = 1500 frames for <= 30 s), and the windows, Q-Former and
-        projection of `SpeechConnector.qformer_states` / `forward` run on the stack.
-        """
-        connector = self.connector
-        fused = [connector.fuse(speech[i : i + 1], frames) for i, frames in enumerate(audio)]
-        if len({f.shape[1] for f in fused}) != 1:
-            raise ValueError(f"clips fuse to different frame counts {sorted({f.shape[1] for f in fused})}")
-        fused = torch.cat(fused)  # (B, T, C)
-        k, s = connector.windows.kernel, connector.windows.stride
-        windows = fused.unfold(1, k, s).permute(0, 1, 3, 2).reshape(-1, k, fused.shape[-1])  # (B*L, K, C)
-        queries = connector.query_tokens.expand(windows.shape[0], -1, -1)
-        states = connector.qformer(query_embeds=queries, encoder_hidden_states=windows).last_hidden_state
-        tokens = connector.proj(states)  # (B*L, Q, D)
-        return tokens.reshape(len(audio), -1, tokens.shape[-1])
-
     # -- LLM inputs --------------------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        """Tokens the LLM holds: prompt, audio tokens and answer together."""
+        return self.llm.config.max_position_embeddings
+
     def prompt_ids(self, prompt: str) -> prompts.PromptIds:
         return prompts.prompt_ids(self.tokenizer, prompt, self.settings.prompt_template)
 
     def inputs_embeds(self, audio_tokens: torch.Tensor, prompt: str) -> torch.Tensor:
         """`[bos, before, audio, after]` embeddings: (1, 1 + Nb + N + Na, D)."""
         table = input_embeddings(self.llm)
-        return prompts.assemble_inputs(table, self.prompt_ids(prompt), audio_tokens, self.settings.bos_token_id)
+        return prompts.assemble_inputs(table, self.prompt_ids(prompt), audio_tokens, self.tokenizer.bos_token_id)
+
+    def labelled_inputs_embeds(self, labels: Sequence[str], audio_tokens: torch.Tensor, prompt: str) -> torch.Tensor:
+        """One prompt holding several clips' audio tokens (S, N, D), each after its text label: (1, T, D).
+
+        `[bos, before, label_1, audio_1, ..., label_S, audio_S, after]`; the published models were trained with one
+        clip per prompt, so this is an extension (asking about long audio as a whole), not the original.
+        """
+        parts = [(self.tokenizer.encode(label), audio_tokens[i : i + 1]) for i, label in enumerate(labels)]
+        table = input_embeddings(self.llm)
+        return prompts.assemble_labelled_inputs(table, self.prompt_ids(prompt), parts, self.tokenizer.bos_token_id)
 
     def _scale(self, scale: float | None) -> float:
         return self.settings.trained_lora_scale if scale is None else float(scale)
@@ -169,39 +172,57 @@ class SalmonnModel(nn.Module):
         self,
         waveform: np.ndarray,
         prompt: str,
+        options: DecodeOptions | None = None,
         *,
-        max_new_tokens: int = 200,
-        num_beams: int = 4,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 0.9,
-        repetition_penalty: float = 1.0,
-        length_penalty: float = 1.0,
-        min_length: int = 1,
         lora_scale: float | None = None,
         generator: torch.Generator | None = None,
+        **changes,
     ) -> GenerationResult:
         """Answer `prompt` about the first 30 s of `waveform` (1-D float32, 16 kHz), as the original does.
 
-        Decoding defaults are the original's (beams 4, 200 new tokens, no sampling); `min_length` counts the
-        BOS placeholder as transformers 4.28 did. `lora_scale` overrides the trained scaling for this call.
+        `options` (default `DecodeOptions()`: the original's beams 4, 200 new tokens, no sampling), with any of
+        its fields changed by keyword (`max_new_tokens=8`); `lora_scale` overrides the trained scaling for this call.
         """
-        options = DecodeOptions(
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            length_penalty=length_penalty,
-            min_length=min_length,
-        )
+        options = decode_options(options, **changes)
         start = time.perf_counter()
         tokens = self.audio_tokens(waveform)
-        encode_s = time.perf_counter() - start
+        encoded = time.perf_counter()
         result = self.answer(tokens, prompt, options, lora_scale=lora_scale, generator=generator)
-        timings = replace(result.timings, encode_s=encode_s, total_s=encode_s + result.timings.total_s)
-        return replace(result, timings=timings)
+        done = time.perf_counter()
+        timings = Timings(encode_s=encoded - start, decode_s=done - encoded, total_s=done - start)
+        return GenerationResult(result.text, result.token_ids, timings)
+
+    def generate_batch(
+        self,
+        waveforms: Sequence[np.ndarray],
+        prompt: str,
+        options: DecodeOptions | None = None,
+        *,
+        batch_size: int = 8,
+        lora_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        **changes,
+    ) -> list[GenerationResult]:
+        """`generate` for many clips (each at most 30 s is heard), `batch_size` clips encoded and decoded together.
+
+        Without sampling, result i equals `generate(waveforms[i], prompt, ...)`. Timings: each batch's encode and
+        decode wall times split evenly over its clips, so they add up to the wall time of the whole call.
+        """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        options = decode_options(options, **changes)
+        waveforms = list(waveforms)
+        results: list[GenerationResult] = []
+        for first in range(0, len(waveforms), batch_size):
+            chunk = waveforms[first : first + batch_size]
+            start = time.perf_counter()
+            tokens = self.audio_tokens_batch(chunk)
+            encoded = time.perf_counter()
+            answers = self.answer_batch(tokens, prompt, options, lora_scale=lora_scale, generator=generator)
+            encode_s, decode_s = (encoded - start) / len(chunk), (time.perf_counter() - encoded) / len(chunk)
+            timings = Timings(encode_s=encode_s, decode_s=decode_s, total_s=encode_s + decode_s)
+            results += [GenerationResult(a.text, a.token_ids, timings) for a in answers]
+        return results
 
     @torch.inference_mode()
     def answer(
@@ -217,8 +238,7 @@ class SalmonnModel(nn.Module):
 
         `options` defaults to the original's decoding (`DecodeOptions()`: beams 4, 200 new tokens).
         """
-        start = time.perf_counter()
-        return self._answer_rows(self.inputs_embeds(audio_tokens, prompt), options, lora_scale, generator, start)[0]
+        return self._answer_rows(self.inputs_embeds(audio_tokens, prompt), options, lora_scale, generator)[0]
 
     @torch.inference_mode()
     def answer_embeds(
@@ -229,10 +249,10 @@ class SalmonnModel(nn.Module):
         lora_scale: float | None = None,
         generator: torch.Generator | None = None,
     ) -> GenerationResult:
-        """Generate from one prompt already embedded, (1, T, D) (e.g. several labelled clips in one prompt)."""
+        """Generate from one prompt already embedded, (1, T, D) (e.g. `labelled_inputs_embeds`)."""
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
             raise UsageError(f"answer_embeds takes one prompt (1, T, D), got {tuple(inputs_embeds.shape)}")
-        return self._answer_rows(inputs_embeds, options, lora_scale, generator, time.perf_counter())[0]
+        return self._answer_rows(inputs_embeds, options, lora_scale, generator)[0]
 
     @torch.inference_mode()
     def answer_batch(
@@ -247,75 +267,36 @@ class SalmonnModel(nn.Module):
         """`answer` for B clips' audio tokens (B, N, D) with one prompt, decoded together (`decode_batch`).
 
         Without sampling row i gets `answer(audio_tokens[i:i+1], ...)`'s ids; sampled ids depend on the whole
-        batch (one generator, drawn row by row). Timings: the batch's wall time split evenly over its rows.
+        batch (one generator, drawn row by row).
         """
-        started = time.perf_counter()
         embeds = torch.cat([self.inputs_embeds(audio_tokens[i : i + 1], prompt) for i in range(audio_tokens.shape[0])])
-        return self._answer_rows(embeds, options, lora_scale, generator, started)
+        return self._answer_rows(embeds, options, lora_scale, generator)
 
-    def _answer_rows(self, embeds, options, lora_scale, generator, started: float) -> list[GenerationResult]:
-        """Decode every row of `embeds` together; each result's timings are the wall time since `started` / B."""
+    def _answer_rows(self, embeds, options, lora_scale, generator) -> list[GenerationResult]:
+        """Decode every row of `embeds` together and turn each row's ids into text."""
+        tokenizer = self.tokenizer
         with scaled_lora(self.llm, self._scale(lora_scale)):
             outs = decode_batch(
                 self.llm,
                 embeds.to(self.device),
                 options or DecodeOptions(),
-                eos_token_id=self.settings.eos_token_id,
-                bos_token_id=self.settings.bos_token_id,
-                pad_token_id=self.settings.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
                 generator=generator,
                 keep_step_scores=False,
             )
-        texts = [self.tokenizer.decode(list(out.token_ids)) for out in outs]
-        share = (time.perf_counter() - started) / len(outs)
-        timings = Timings(decode_s=share, total_s=share)
-        return [GenerationResult(text, list(out.token_ids), timings) for text, out in zip(texts, outs, strict=True)]
-
-    def generate_batch(
-        self,
-        waveforms: Sequence[np.ndarray],
-        prompt: str,
-        *,
-        batch_size: int = 8,
-        lora_scale: float | None = None,
-        generator: torch.Generator | None = None,
-        **decode_options,
-    ) -> list[GenerationResult]:
-        """`generate` for many clips (each at most 30 s is heard), `batch_size` clips encoded and decoded together.
-
-        `decode_options` are `DecodeOptions` fields (the original's defaults: beams 4, 200 new tokens). Without
-        sampling, result i equals `generate(waveforms[i], prompt, ...)`. Timings: each batch's encode and decode
-        wall times split evenly over its clips, so they add up to the wall time of the whole call.
-        """
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        unknown = sorted(set(decode_options) - {f.name for f in fields(DecodeOptions)})
-        if unknown:
-            raise UsageError(f"unknown decoding option(s): {', '.join(unknown)}")
-        options = DecodeOptions(**decode_options)
-        waveforms = list(waveforms)
-        results: list[GenerationResult] = []
-        for first in range(0, len(waveforms), batch_size):
-            chunk = waveforms[first : first + batch_size]
-            start = time.perf_counter()
-            tokens = self.audio_tokens_batch(chunk)
-            encode_s = (time.perf_counter() - start) / len(chunk)
-            for result in self.answer_batch(tokens, prompt, options, lora_scale=lora_scale, generator=generator):
-                total = encode_s + result.timings.total_s
-                results.append(replace(result, timings=replace(result.timings, encode_s=encode_s, total_s=total)))
-        return results
+        return [GenerationResult(tokenizer.decode(list(out.token_ids)), list(out.token_ids)) for out in outs]
 
     # -- training loss -------------------------------------------------------------------------------------
     def training_inputs(
-        self, waveform: np.ndarray, prompt: str, target_text: str, max_txt_len: int = 300
+        self, waveform: np.ndarray, prompt: str, target_text: str, max_txt_len: int = prompts.MAX_TARGET_TOKENS
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs with the target appended and labels masking all before it, as the original's forward builds."""
-        speech = self.encode_speech(self.whisper_features(waveform))
-        audio = self.encode_audio(self.beats_features(waveform))
-        tokens = self.connector(speech, audio)
+        tokens = self.connector(*self.encode(waveform))
         targets = prompts.target_ids(self.tokenizer, target_text, max_txt_len)
         table = input_embeddings(self.llm)
-        return prompts.assemble_training(table, self.prompt_ids(prompt), tokens, self.settings.bos_token_id, targets)
+        return prompts.assemble_training(table, self.prompt_ids(prompt), tokens, self.tokenizer.bos_token_id, targets)
 
     def loss_from_inputs(
         self, inputs_embeds: torch.Tensor, labels: torch.Tensor, *, lora_scale: float | None = None
@@ -333,7 +314,7 @@ class SalmonnModel(nn.Module):
         prompt: str,
         target_text: str,
         *,
-        max_txt_len: int = 300,
+        max_txt_len: int = prompts.MAX_TARGET_TOKENS,
         lora_scale: float | None = None,
     ) -> float:
         """The training loss exactly as the original's forward computes it (target + `</s>`; prompt masked)."""

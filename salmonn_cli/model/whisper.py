@@ -6,8 +6,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_strict, read_whisper_encoder
 from ..errors import CheckpointError
+from ..weights import WeightFolder, load_strict
+
+_WHISPER_ENCODER_PREFIXES = ("model.encoder.", "encoder.")  # WhisperForConditionalGeneration / WhisperModel
 
 
 def load_whisper_encoder(folder: str | Path, *, device: str | torch.device, dtype: torch.dtype):
@@ -32,3 +34,21 @@ def load_whisper_encoder(folder: str | Path, *, device: str | torch.device, dtyp
     encoder.to(device=device, dtype=dtype)
     encoder.requires_grad_(False)
     return encoder.eval(), extractor
+
+
+def read_whisper_encoder(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Read only the encoder tensors of a Hugging Face Whisper folder (decoder weights are never loaded).
+
+    Handles `model.safetensors` and `pytorch_model.bin`, single or sharded (with their index files).
+    """
+    weights = WeightFolder(folder)
+    tensors = {}
+    for key in weights.keys():
+        for prefix in _WHISPER_ENCODER_PREFIXES:
+            if key.startswith(prefix):
+                tensors[key[len(prefix) :]] = weights.get(key)
+                break
+    weights.close()
+    if not tensors:
+        raise CheckpointError("no Whisper encoder weights found (keys 'model.encoder.*' or 'encoder.*')", path=folder)
+    return tensors

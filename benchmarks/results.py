@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-# the measurements of salmonn_cli.bench.measure, in the order they run
+# the measurements of benchmarks/measure.py, in the order they run
 MEASUREMENT_NAMES = ("stages", "first_token", "decode", "decode_beams", "ask", "long_audio")
 
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 import re
 import zlib
 
+from salmonn_cli.generate import LLAMA_BOS, LLAMA_EOS, LLAMA_PAD
+
 _PIECES = re.compile(r"\w+|[^\w\s]")
-_FIRST_ID = 3  # 0-2 are unk, bos and eos
+_FIRST_ID = 3  # 0-2 are unk (pad), bos and eos
 
 
 class WordCodec:
-    """`TextCodec` with stable ids in [3, vocab): crc32 of each word or punctuation mark."""
+    """`Tokenizer` with stable ids in [3, vocab): crc32 of each word or punctuation mark."""
 
-    bos_token_id = 1
-    eos_token_id = 2
+    bos_token_id, eos_token_id, pad_token_id = LLAMA_BOS, LLAMA_EOS, LLAMA_PAD
 
     def __init__(self, vocab: int) -> None:
         self.vocab = vocab

@@ -1,12 +1,15 @@
-"""Named model shapes for benchmarks, and their parameter counts computed by hand (no torch).
+"""Named model shapes for benchmarks; their parameter counts are counted on the modules built on the meta device.
 
 Speed and memory depend on the shapes, not on the weights' values, so a shape is all a benchmark needs.
 The published sizes: Whisper-large-v2 encoder, BEATs iter3, the 2-layer Q-Former of SALMONN, Vicuna 7B / 13B.
+Importing this module imports no torch; counting (`params`) builds on the meta device and does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+
+from salmonn_cli.window import WHISPER_FRAMES_PER_WINDOW
 
 MEL_BINS = 80  # Whisper's log-mel bins
 BEATS_PATCH = 16  # BEATs' 16 x 16 fbank patches
@@ -20,13 +23,12 @@ class WhisperShape:
     layers: int
     heads: int
     ffn: int
-    positions: int = 1500  # encoder frames per 30 s window
+    positions: int = WHISPER_FRAMES_PER_WINDOW
 
     def params(self) -> int:
-        d, f = self.d_model, self.ffn
-        convs = MEL_BINS * d * 3 + d + d * d * 3 + d
-        layer = 4 * d * d + 3 * d + d * f + f + f * d + d + 4 * d  # k_proj has no bias; two LayerNorms
-        return convs + self.positions * d + self.layers * layer + 2 * d
+        from .build import meta_whisper, parameters
+
+        return parameters(meta_whisper(self))
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,9 @@ class BeatsShape:
         }
 
     def params(self) -> int:
-        e, d, f, h = self.embed_dim, self.encoder_embed_dim, self.encoder_ffn_embed_dim, self.encoder_attention_heads
-        front = e * BEATS_PATCH * BEATS_PATCH + 2 * e + e * d + d  # patch conv (no bias), LayerNorm, projection
-        pos_conv = self.conv_pos + d * (d // self.conv_pos_groups) * self.conv_pos + d  # weight_g, weight_v, bias
-        gate = (d // h) * 8 + 8 + h  # grep_linear + grep_a
-        layer = 4 * (d * d + d) + gate + 2 * d + d * f + f + f * d + d + 2 * d
-        return front + pos_conv + self.num_buckets * h + self.encoder_layers * layer + 2 * d
+        from .build import meta_beats, parameters
+
+        return parameters(meta_beats(self))
 
 
 @dataclass(frozen=True)
@@ -84,14 +83,6 @@ class QFormerShape:
     intermediate: int
     query_tokens: int = 1
 
-    def params(self, speech_width: int, audio_width: int, llm_hidden: int) -> int:
-        h, i, c = self.hidden, self.intermediate, speech_width + audio_width
-        attention = 4 * (h * h + h) + 2 * h
-        cross = 2 * (h * h + h) + 2 * (c * h + h) + 2 * h
-        feed_forward = h * i + i + i * h + h + 2 * h
-        norms = 2 * speech_width + 2 * audio_width + 2 * h  # ln_speech, ln_audio, the Q-Former's input LayerNorm
-        body = self.layers * (attention + cross + feed_forward)
-        return norms + self.query_tokens * h + body + h * llm_hidden + llm_hidden
 
 
 @dataclass(frozen=True)
@@ -106,10 +97,9 @@ class LlamaShape:
     lora_rank: int = 8
 
     def params(self, *, lora: bool = True) -> int:
-        h = self.hidden
-        layer = 4 * h * h + 3 * h * self.intermediate + 2 * h
-        adapters = 2 * 2 * self.lora_rank * h if lora else 0  # A (r, h) and B (h, r) on q and v
-        return 2 * self.vocab * h + h + self.layers * (layer + adapters)
+        from .build import meta_llm, parameters
+
+        return parameters(meta_llm(self, lora=lora))
 
 
 @dataclass(frozen=True)
@@ -124,11 +114,14 @@ class ModelShape:
 
     def params(self) -> dict[str, int]:
         """Parameter count of each component (the LLM's includes its LoRA)."""
-        speech, audio = self.whisper.d_model, self.beats.encoder_embed_dim
+        from salmonn_cli.model.qformer import WindowSpec
+
+        from .build import meta_connector, parameters
+
         return {
             "whisper": self.whisper.params(),
             "beats": self.beats.params(),
-            "connector": self.qformer.params(speech, audio, self.llm.hidden),
+            "connector": parameters(meta_connector(self, WindowSpec(1, 1))),  # windows hold no parameters
             "llm": self.llm.params(),
         }
 
@@ -158,7 +151,3 @@ SHAPES: dict[str, ModelShape] = {
     "salmonn-13b": ModelShape("salmonn-13b", WHISPER_LARGE_V2, BEATS_ITER3, SALMONN_QFORMER, VICUNA_13B),
 }
 
-
-def with_llm(shape: ModelShape, **llm_sizes: int) -> ModelShape:
-    """`shape` with other LLM sizes (a custom shape for tests: e.g. `with_llm(TINY, hidden=1024, layers=4)`)."""
-    return replace(shape, name=f"{shape.name}+llm", llm=replace(shape.llm, **llm_sizes))

@@ -8,7 +8,7 @@
 A shape is built with random weights, layer by layer (no download); `--model` or the four component paths
 load real checkpoints through `load_model`. Each (quantisation, backend, device) runs in a fresh process, so
 its host RSS peak while loading is its own. Every measurement runs `--warmup` untimed times, then `--repeat`
-timed times (median, min, max); load is timed once. To add a measurement, see `salmonn_cli.bench.measure`.
+timed times (median, min, max); load is timed once. To add a measurement, see benchmarks/measure.py.
 """
 
 from __future__ import annotations
@@ -28,15 +28,16 @@ from importlib import metadata
 from pathlib import Path
 
 from quantize.memory import available_host_bytes
+from quantize.spec import BACKENDS, MODES
+from salmonn_cli.model_file import ROLES
 
 from .memory import GB
 from .report import jsonable, markdown, print_tables
 from .results import MEASUREMENT_NAMES, BenchOptions, Stat
 from .shapes import SHAPES
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding salmonn_cli and quantize
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout: benchmarks, salmonn_cli and quantize
 SKIPPABLE = (*MEASUREMENT_NAMES, "help")
-ROLES = ("whisper", "beats", "llm", "checkpoint")
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def host_estimate_bytes(args: argparse.Namespace, config: BenchConfig) -> int | 
     if not config.device.startswith("cpu") or not args.shape or args.model:
         return None
     shape = SHAPES[args.shape]
-    params = shape.params()
+    params = shape.params()  # counted on the meta device
     full = 2 if (config.quant == "4bit" and config.backend == "quanto") else 4  # load_model's CPU dtypes
     return estimate_memory(
         params["llm"],
@@ -114,7 +115,7 @@ def run_config(args: argparse.Namespace, config: BenchConfig, workdir: Path) -> 
     request_path, out_path = workdir / f"{stem}.request.json", workdir / f"{stem}.json"
     request_path.write_text(json.dumps(request))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "salmonn_cli.bench.child", str(request_path), str(out_path)]
+    command = [sys.executable, "-m", "benchmarks.child", str(request_path), str(out_path)]
     code, lines = _run_echoing(command, env, args.timeout)
     if code != 0:
         if code in (-9, 137):
@@ -202,10 +203,10 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     for role in ROLES:
         ap.add_argument(f"--{role}", help=f"local {role} component (overrides the model file's)")
     ap.add_argument("--device", type=lambda t: t.split(","), default=["cpu"], help="cpu, cuda, cuda:N (comma list)")
-    ap.add_argument("--quant", type=_csv(("none", "8bit", "4bit")), default=["none"], help="e.g. none,8bit,4bit")
+    ap.add_argument("--quant", type=_csv(MODES), default=["none"], help="e.g. none,8bit,4bit")
     ap.add_argument(
         "--backend",
-        type=_csv(("auto", "bitsandbytes", "quanto")),
+        type=_csv(BACKENDS),
         default=["auto"],
         help="auto = bitsandbytes on CUDA, optimum-quanto on CPU; a comma list runs each",
     )

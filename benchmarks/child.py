@@ -1,6 +1,6 @@
 """One benchmark configuration, run in a fresh process so its memory peaks are its own.
 
-`python -m salmonn_cli.bench.child REQUEST.json OUT.json`: the request names the model (shape or paths),
+`python -m benchmarks.child REQUEST.json OUT.json` (from the checkout): the request names the model (shape or paths),
 the quantisation, backend and device, and the measurement options; the run's results go to OUT.json.
 """
 
@@ -32,25 +32,21 @@ def make_model(request: dict, device) -> tuple[Any, str]:
 
         llm_dtype = None if request["llm_dtype"] == "auto" else getattr(torch, request["llm_dtype"])
         return build_model(SHAPES[request["shape"]], spec, device, llm_dtype=llm_dtype), request["shape"]
-    from ..hub import resolve_components
-    from ..loading import load_model
-    from ..model_file import load_model_spec, with_local_components
+    from salmonn_cli.hub import resolve_components
+    from salmonn_cli.loading import load_model
+    from salmonn_cli.model_file import ROLES, load_model_spec, with_local_components
 
-    paths, kwargs, name = request["paths"], {}, "components"
+    paths, settings, name = request["paths"], None, "components"
     if request.get("model_file"):
         model_spec = with_local_components(load_model_spec(request["model_file"]), **paths)
-        paths, name = asdict(resolve_components(model_spec)), model_spec.name
-        settings = model_spec.settings
-        kwargs = {key: getattr(settings, key) for key in ("second_per_window", "second_stride", "qformer_heads")}
-        kwargs.update(lora_scale=settings.lora_scale, prompt_template=settings.prompt_template)
-    roles = ("whisper", "beats", "llm", "checkpoint")
-    model = load_model(*(paths[role] for role in roles), device=str(device), quantization=spec, **kwargs)
+        paths, settings, name = asdict(resolve_components(model_spec)), model_spec.settings, model_spec.name
+    model = load_model(*(paths[role] for role in ROLES), device=device, quantization=spec, settings=settings)
     return model, name
 
 
 def run(request: dict) -> dict:
     """Load (timed, with its memory peaks), then every measurement not skipped, each with its GPU peak."""
-    from ..loading import resolve_device
+    from salmonn_cli.loading import resolve_device
 
     device = resolve_device(request["device"])
     options = BenchOptions(**request["options"])
@@ -115,7 +111,7 @@ def _import_libraries(request: dict) -> None:
     from transformers.models.llama import modeling_llama  # noqa: F401
     from transformers.models.whisper import modeling_whisper  # noqa: F401
 
-    from ..model import beats, qformer, salmonn  # noqa: F401
+    from salmonn_cli.model import beats, qformer, salmonn  # noqa: F401
 
     if request["quant"] != "none":
         from quantize import QuantSpec, resolve_backend

@@ -14,15 +14,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..audio import SAMPLE_RATE, WINDOW_SAMPLES, WINDOW_SECONDS
-from ..generate import DecodeOptions
-from ..prompt import transcribe_instruction
-from .results import MEASUREMENT_NAMES, BenchOptions, Stat
+from salmonn_cli.audio import SAMPLE_RATE, WINDOW_SECONDS
+from salmonn_cli.decode_options import DecodeOptions
+from salmonn_cli.prompt import transcribe_instruction
+from salmonn_cli.segment import plan_segments, segment_audio
 
-try:  # the long-audio segmenter is optional: fixed 30 s windows without it
-    from ..segment import plan_segments, segment_audio
-except ImportError:  # pragma: no cover - depends on the checkout
-    plan_segments = segment_audio = None
+from .results import MEASUREMENT_NAMES, BenchOptions, Stat
 
 
 @dataclass(frozen=True)
@@ -73,10 +70,8 @@ def synthetic_audio(seconds: float, seed: int = 0) -> np.ndarray:
 
 def segments_of(waveform: np.ndarray) -> tuple[str, list[np.ndarray]]:
     """(segmenter name, clips of at most 30 s)."""
-    if plan_segments is not None:
-        segments = plan_segments(waveform, max_seconds=WINDOW_SECONDS, vad=False)
-        return "segment.plan_segments(vad=False)", [segment_audio(waveform, s) for s in segments]
-    return "fixed 30 s", [waveform[i : i + WINDOW_SAMPLES] for i in range(0, waveform.shape[0], WINDOW_SAMPLES)]
+    segments = plan_segments(waveform, max_seconds=WINDOW_SECONDS, vad=False)
+    return "segment.plan_segments(vad=False)", [segment_audio(waveform, s) for s in segments]
 
 
 class StepClock:

@@ -1,8 +1,10 @@
-"""Build a SALMONN of a named shape with random weights, one layer at a time.
+"""Build a SALMONN of a named shape with random weights, one layer at a time, on the target device.
 
 Every component is constructed on the meta device (no memory), then materialised module by module on the
-target device and, for the LLM, quantised decoder layer by decoder layer (as `llm_stream` loads real weights), so
-the host never holds more than the finished (quantised) model plus one full-precision decoder layer.
+target device. The LLM goes through the loader's own layer-by-layer build and quantisation
+(`llm_stream.build_language_model_by_layer`), fed by `RandomWeights` instead of a folder, so the host never holds
+more than the finished (quantised) model plus one full-precision decoder layer. bitsandbytes, which the loader
+applies inside `from_pretrained`, is applied here layer by layer as `from_pretrained` does it.
 The classes are the package's own (transformers' WhisperEncoder, our BEATs and SpeechConnector,
 LlamaForCausalLM + `llm.attach_lora`, `quantize` backends), assembled into the `SalmonnModel` the CLI runs; only
 the weights' values are random, which changes neither speed nor memory.
@@ -19,15 +21,14 @@ import torch
 from torch import nn
 
 from quantize.memory import release_freed_memory
+from salmonn_cli.llm_stream import reset_rotary
 
-from ..llm_stream import reset_rotary
 from .codec import WordCodec
-from .shapes import LlamaShape, ModelShape
+from .shapes import MEL_BINS, BeatsShape, LlamaShape, ModelShape, WhisperShape
 
 if TYPE_CHECKING:
     from quantize import QuantSpec
-
-    from ..model.salmonn import SalmonnModel
+    from salmonn_cli.model.salmonn import SalmonnModel
 
 LORA_TARGETS = ("q_proj", "v_proj")
 _RANDOM = Path("<random weights>")  # what attach_lora would name in an error message
@@ -42,14 +43,15 @@ def build_model(
     """
     from quantize import llm_dtype as default_llm_dtype
     from quantize import llm_quantization_config
-
-    from ..model.qformer import WindowSpec
-    from ..model.salmonn import SalmonnModel, SalmonnSettings
+    from salmonn_cli.model.qformer import WindowSpec
+    from salmonn_cli.model.salmonn import SalmonnModel, SalmonnSettings
+    from salmonn_cli.model_file import ModelSettings
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32  # as load_model: fp16 encoders on GPU
     llm_quantization_config(spec, device.type)  # as load_model: a missing backend fails now; quiets bitsandbytes
     whisper, extractor = build_whisper(shape, device, dtype)
-    windows = WindowSpec.from_seconds(0.333333, 0.333333)
+    published = ModelSettings()
+    windows = WindowSpec.from_seconds(published.second_per_window, published.second_stride)
     model = SalmonnModel(
         whisper=whisper,
         whisper_extractor=extractor,
@@ -57,19 +59,40 @@ def build_model(
         connector=build_connector(shape, windows, device, dtype),
         llm=build_llm(shape.llm, spec, device, llm_dtype or default_llm_dtype(spec, device.type, dtype)),
         tokenizer=WordCodec(shape.llm.vocab),
-        settings=SalmonnSettings(windows=windows),
+        settings=SalmonnSettings(windows, published.lora_scale, published.prompt_template),
     )
     return model.eval()
 
 
 def build_whisper(shape: ModelShape, device: torch.device, dtype: torch.dtype):
     """(WhisperEncoder, WhisperFeatureExtractor) as `model.whisper.load_whisper_encoder` returns them."""
-    from transformers import WhisperConfig, WhisperFeatureExtractor
+    from transformers import WhisperFeatureExtractor
+
+    encoder = meta_whisper(shape.whisper)
+    materialise(encoder, device, dtype)
+    return _frozen(encoder), WhisperFeatureExtractor(feature_size=MEL_BINS)  # large-v2's front end: 80 bins, 30 s
+
+
+def build_beats(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Our BEATs with the iter3 configuration."""
+    beats = meta_beats(shape.beats)
+    materialise(beats, device, dtype)
+    return _frozen(beats)
+
+
+def build_connector(shape: ModelShape, windows, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Our SpeechConnector (LayerNorms, Q-Former, projection)."""
+    connector = meta_connector(shape, windows)
+    materialise(connector, device, dtype)
+    return _frozen(connector)
+
+
+def meta_whisper(w: WhisperShape) -> nn.Module:
+    from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    w = shape.whisper
     config = WhisperConfig(
-        num_mel_bins=80,
+        num_mel_bins=MEL_BINS,
         d_model=w.d_model,
         encoder_layers=w.layers,
         encoder_attention_heads=w.heads,
@@ -77,25 +100,19 @@ def build_whisper(shape: ModelShape, device: torch.device, dtype: torch.dtype):
         max_source_positions=w.positions,
     )
     with torch.device("meta"):
-        encoder = WhisperEncoder(config)
-    materialise(encoder, device, dtype)
-    return _frozen(encoder), WhisperFeatureExtractor(feature_size=80)  # large-v2's front end: 80 bins, 30 s
+        return WhisperEncoder(config)
 
 
-def build_beats(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Our BEATs with the iter3 configuration."""
-    from ..model.beats import BEATs, BeatsConfig
+def meta_beats(b: BeatsShape) -> nn.Module:
+    from salmonn_cli.model.beats import BEATs, BeatsConfig
 
     with torch.device("meta"):
-        beats = BEATs(BeatsConfig.from_dict(shape.beats.config()))
-    materialise(beats, device, dtype)
-    return _frozen(beats)
+        return BEATs(BeatsConfig.from_dict(b.config()))
 
 
-def build_connector(shape: ModelShape, windows, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Our SpeechConnector (LayerNorms, Q-Former, projection)."""
-    from ..checkpoint import ConnectorShape
-    from ..model.qformer import SpeechConnector
+def meta_connector(shape: ModelShape, windows) -> nn.Module:
+    from salmonn_cli.checkpoint import ConnectorShape
+    from salmonn_cli.model.qformer import SpeechConnector
 
     q, speech, audio = shape.qformer, shape.whisper.d_model, shape.beats.encoder_embed_dim
     sizes = ConnectorShape(
@@ -110,47 +127,122 @@ def build_connector(shape: ModelShape, windows, device: torch.device, dtype: tor
         llm_hidden=shape.llm.hidden,
     )
     with torch.device("meta"):
-        connector = SpeechConnector(sizes, windows, q.heads)
-    materialise(connector, device, dtype)
-    return _frozen(connector)
+        return SpeechConnector(sizes, windows, q.heads)
+
+
+def meta_llm(shape: LlamaShape, *, lora: bool = True) -> nn.Module:
+    """LlamaForCausalLM of `shape` on the meta device, with its LoRA attached unless `lora=False`."""
+    from transformers import LlamaForCausalLM
+
+    from salmonn_cli.llm import attach_lora
+
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(llama_config(shape))
+        lora_tensors = _lora_tensors(shape) if lora else None
+    return attach_lora(llm, _lora_spec(shape), lora_tensors, path=_RANDOM) if lora else llm
+
+
+def parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def build_llm(shape: LlamaShape, spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """LlamaForCausalLM + LoRA (peft, via `llm.attach_lora`), quantised decoder layer by decoder layer.
 
-    The order is load_model's: bitsandbytes layers exist before LoRA is attached (as from_pretrained makes
-    them); optimum-quanto quantises after LoRA, keeping the adapter and lm_head in full precision.
+    Full precision and optimum-quanto: `load_model`'s own layer-by-layer path. bitsandbytes: its layers exist
+    before LoRA is attached, as `from_pretrained` makes them.
     """
-    from transformers import LlamaForCausalLM
-
     from quantize import resolve_backend
 
-    from ..llm import quantize_base_layers
+    if resolve_backend(spec, device.type) == "bitsandbytes":
+        return _build_bitsandbytes_llm(shape, spec, device, dtype)
+    from salmonn_cli.llm_stream import build_language_model_by_layer
+
+    return build_language_model_by_layer(
+        llama_config(shape),
+        RandomWeights(llama_config(shape)),
+        dtype=dtype,
+        device=device,
+        lora_spec=_lora_spec(shape),
+        lora=_lora_tensors(shape),
+        lora_path=_RANDOM,
+        quantization=spec,
+    )
+
+
+class RandomWeights:
+    """The tensors a LLaMA folder of `config` holds, under its keys, drawn at random as each is asked for
+    (`llm_stream.WeightSource`): norms 1, biases 0, the rest uniform with std ~ 1/sqrt(fan_in)."""
+
+    folder = _RANDOM
+
+    def __init__(self, config) -> None:
+        from transformers import LlamaForCausalLM
+
+        with torch.device("meta"):
+            shapes = LlamaForCausalLM(config).state_dict()
+        self._shapes = {key: tuple(tensor.shape) for key, tensor in shapes.items()}
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shapes
+
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = torch.empty(self._shapes[key], dtype=dtype or torch.float32)
+        _fill(tensor, key)
+        return tensor
+
+    def unmap(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _lora_spec(shape: LlamaShape):
+    from salmonn_cli.checkpoint import LoraShape
+    from salmonn_cli.llm import LoraSpec
+    from salmonn_cli.model_file import ModelSettings
+
+    return LoraSpec(LoraShape(shape.lora_rank, LORA_TARGETS, shape.layers), ModelSettings().lora_scale)
+
+
+def _lora_tensors(shape: LlamaShape) -> dict[str, torch.Tensor]:
+    """Adapter tensors of the checkpoint's shapes under peft's names: A random, B zero (as peft starts them)."""
+    name = "base_model.model.model.layers.{}.self_attn.{}.lora_{}.default.weight"
+    h, r = shape.hidden, shape.lora_rank
+    lora = {}
+    for i in range(shape.layers):
+        for target in LORA_TARGETS:
+            lora[name.format(i, target, "A")] = torch.empty(r, h)
+            lora[name.format(i, target, "B")] = torch.empty(h, r)
+    for key, tensor in lora.items():
+        if not tensor.is_meta:
+            _fill(tensor, key)
+    return lora
+
+
+def _build_bitsandbytes_llm(shape: LlamaShape, spec: QuantSpec, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaForCausalLM
+
+    from salmonn_cli.llm import attach_lora, quantize_base_layers
 
     with torch.device("meta"):
         llm = LlamaForCausalLM(llama_config(shape))
     llm.to(dtype)  # on meta: only the recorded dtype changes
-    backend = resolve_backend(spec, device.type)
-    if backend == "bitsandbytes":
-        for layer in llm.model.layers:
-            # on the host: bitsandbytes quantises a weight as it moves it to the GPU (Int8Params only then)
-            materialise(layer, torch.device("cpu"), dtype)
-            _to_bitsandbytes(layer, spec, device, dtype)
-            layer.to(device)  # the norms
-            release_freed_memory()
-        setattr(llm, f"is_loaded_in_{spec.mode}", True)  # what peft reads to wrap bitsandbytes layers
-        materialise(llm, device, dtype)  # embeddings, final norm, lm_head
-        llm = _with_lora(llm, shape, torch.device("cpu"))
-        return quantize_base_layers(llm, spec, device.type)  # bitsandbytes' CPU kernel steering only
-    llm = _with_lora(llm, shape, torch.device("meta"))
-    for layer in llm.base_model.model.model.layers:
-        materialise(layer, device, dtype)
-        if backend == "quanto":
-            quantize_base_layers(layer, spec, device.type)  # this layer only: its float copy is freed at once
-            release_freed_memory()
-    materialise(llm, device, dtype)
-    reset_rotary(llm.base_model.model, device)
-    return llm
+    for layer in llm.model.layers:
+        # on the host: bitsandbytes quantises a weight as it moves it to the GPU (Int8Params only then)
+        materialise(layer, torch.device("cpu"), dtype)
+        _to_bitsandbytes(layer, spec, device, dtype)
+        layer.to(device)  # the norms
+        release_freed_memory()
+    setattr(llm, f"is_loaded_in_{spec.mode}", True)  # what peft reads to wrap bitsandbytes layers
+    materialise(llm, device, dtype)  # embeddings, final norm, lm_head
+    llm = attach_lora(llm, _lora_spec(shape), _lora_tensors(shape), path=_RANDOM)
+    reset_rotary(llm.base_model.model, next(llm.parameters()).device)
+    return quantize_base_layers(llm, spec, device.type)  # bitsandbytes' CPU kernel steering only
 
 
 def llama_config(shape: LlamaShape):
@@ -171,28 +263,6 @@ def llama_config(shape: LlamaShape):
         eos_token_id=2,
         pad_token_id=0,
     )
-
-
-def _with_lora(llm: nn.Module, shape: LlamaShape, device: torch.device) -> nn.Module:
-    """`attach_lora` with adapter tensors of the right shapes (meta ones are materialised later)."""
-    from ..checkpoint import LoraShape
-    from ..llm import LoraSpec, attach_lora
-
-    prefix = "base_model.model.model.layers.{}.self_attn.{}.lora_{}.default.weight"
-    h, r = shape.hidden, shape.lora_rank
-    lora = {}
-    for i in range(shape.layers):
-        for target in LORA_TARGETS:
-            lora[prefix.format(i, target, "A")] = torch.zeros(r, h, device=device)
-            lora[prefix.format(i, target, "B")] = torch.zeros(h, r, device=device)
-    spec = LoraSpec(LoraShape(shape.lora_rank, LORA_TARGETS, shape.layers))
-    wrapped = attach_lora(llm, spec, lora, path=_RANDOM)
-    if device.type != "meta":
-        for name, param in wrapped.named_parameters():
-            if ".lora_" in name:
-                _fill(param.data, name)
-        reset_rotary(wrapped.base_model.model, next(wrapped.parameters()).device)
-    return wrapped
 
 
 def _to_bitsandbytes(layer: nn.Module, spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> None:
