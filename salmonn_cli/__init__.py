@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model", "load_audio", "SalmonnModel", "GenerationResult"]
+__all__ = [
+    "__version__",
+    "load_model",
+    "load_audio",
+    "SalmonnModel",
+    "GenerationResult",
+    "DecodeOptions",
+    "ModelSettings",
+]
 
 # name -> module that defines it; resolved on first attribute access (PEP 562)
 _LAZY = {
@@ -21,13 +29,17 @@ _LAZY = {
     "load_audio": "salmonn_cli.audio",
     "SalmonnModel": "salmonn_cli.model.salmonn",
     "GenerationResult": "salmonn_cli.generate",
+    "DecodeOptions": "salmonn_cli.decode_options",
+    "ModelSettings": "salmonn_cli.model_file",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .audio import load_audio
+    from .decode_options import DecodeOptions
     from .generate import GenerationResult
     from .loading import load_model
     from .model.salmonn import SalmonnModel
+    from .model_file import ModelSettings
 
 
 def __getattr__(name: str) -> Any:

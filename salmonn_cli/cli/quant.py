@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from quantize import QuantSpec
+
+    from ..model_file import ModelSpec
 
 
 @dataclass(frozen=True)
 class QuantChoice:
     """The quantisation chosen for a run and the backend that will apply it."""
 
-    spec: object  # quantize.QuantSpec
+    spec: QuantSpec
     backend: str
 
     def describe(self) -> str:
@@ -20,13 +26,13 @@ class QuantChoice:
         return f"{self.spec.mode} ({self.backend})"
 
 
-def pick_quantization(quant: str, backend: str, spec, device) -> QuantChoice:
+def pick_quantization(quant: str, backend: str, model_spec: ModelSpec, device) -> QuantChoice:
     """Resolve `auto` from free GPU memory (CUDA) or host memory (CPU) and the model's size; validate the rest."""
     from quantize import MODES, QuantizationError, QuantSpec
 
     if quant != "auto" and quant not in MODES:
         raise UsageError(f"--quant must be auto, {', '.join(MODES)}; got {quant!r}")
-    mode = _auto_mode(spec, device) if quant == "auto" else quant
+    mode = _auto_mode(model_spec, device) if quant == "auto" else quant
     try:
         chosen = QuantSpec.parse(mode, backend=backend)
     except QuantizationError as exc:
@@ -34,10 +40,10 @@ def pick_quantization(quant: str, backend: str, spec, device) -> QuantChoice:
     return QuantChoice(chosen, chosen.backend_for(device.type))
 
 
-def _auto_mode(spec, device) -> str:
+def _auto_mode(model_spec: ModelSpec, device) -> str:
     from quantize.memory import available_host_bytes, choose_cpu_mode, choose_mode
 
-    sizes = spec.sizes
+    sizes = model_spec.sizes
     if device.type == "cuda":
         import torch
 
