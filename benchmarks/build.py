@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from quantize.memory import release_freed_memory
+from salmonn_cli.generate import LLAMA_BOS, LLAMA_EOS, LLAMA_PAD
 from salmonn_cli.llm_stream import reset_rotary
 
 from .codec import WordCodec
@@ -259,9 +260,9 @@ def llama_config(shape: LlamaShape):
         rms_norm_eps=1e-6,
         hidden_act="silu",
         tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        bos_token_id=LLAMA_BOS,
+        eos_token_id=LLAMA_EOS,
+        pad_token_id=LLAMA_PAD,
     )
 
 

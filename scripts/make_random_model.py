@@ -154,7 +154,8 @@ def make_llm(out: Path, shape: ModelShape, seed: int) -> int:
     index_json = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
     config.save_pretrained(out)
-    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(out)
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                     pad_token_id=config.pad_token_id).save_pretrained(out)
     write_llama_tokenizer(out, config.vocab_size)
     return params
 
