@@ -28,7 +28,7 @@ TrainQuantBackendOpt = Annotated[
 ]
 QUANT_HELP = "LLM base weights: 4bit (NF4, QLoRA), 8bit or none."
 TRAIN_MODEL_OPTIONS = {k: v for k, v in MODEL_OPTIONS.items() if k != "quant"}
-TRAIN_MODEL_OPTIONS["quant_backend"] = (TrainQuantBackendOpt, "auto")
+TRAIN_MODEL_OPTIONS["quant_backend"] = (TrainQuantBackendOpt, _CONFIG.quant_backend)
 
 finetune_app = typer.Typer(
     name="finetune",

@@ -13,7 +13,7 @@ from quantize.memory import GIB
 from quantize.spec import MODES
 
 from ..errors import UsageError
-from ..model_file import ROLES
+from ..model_file import BUILTIN_DEFAULT, ROLES
 from .options import FormatOpt, ModelOpt, OfflineOpt
 from .runner import stderr
 
@@ -26,7 +26,7 @@ def _estimates(spec) -> dict[str, float]:
     return {mode: round(estimate_memory(sizes.llm_params, sizes.encoder_params, mode).total_gib, 1) for mode in MODES}
 
 
-def download(model: ModelOpt = "salmonn-13b", offline: OfflineOpt = False) -> None:
+def download(model: ModelOpt = BUILTIN_DEFAULT, offline: OfflineOpt = False) -> None:
     """Fetch every component of a model into the Hugging Face cache (resumable; verified by size and sha256)."""
     from ..hub import download as fetch
     from ..hub import is_offline
