@@ -72,8 +72,9 @@ def answer_file(
         return FileAnswer(answer.text.strip(), (Cue(audible[0].start, audible[-1].end, answer.text.strip()),),
                           len(answer.token_ids), len(segments), len(audible),
                           {"total_s": time.perf_counter() - started})  # fmt: skip
-    results = model.generate_batch(clips, instruction, options, batch_size=settings.batch_size, lora_scale=lora_scale,
-                                   generator=generator)  # fmt: skip
+    results = model.generate_batch(
+        clips, instruction, options, batch_size=settings.batch_size, lora_scale=lora_scale, generator=generator
+    )
     cues = tuple(_cue(s, r.text.strip(), settings) for s, r in zip(audible, results, strict=True))
     text = _join(cues, settings, single=single)
     timings = {"total_s": time.perf_counter() - started}

@@ -99,3 +99,31 @@ def test_qformer_heads_default_to_64_wide(tiny):
     assert four.connector.qformer.config.num_attention_heads == 4
     audio = tone(1.0)
     assert not torch.allclose(model.audio_tokens(audio), four.audio_tokens(audio))
+
+
+def test_a_short_clip_skips_the_vad_unless_its_subtitles_follow_the_speech(model, monkeypatch):
+    from salmonn_cli import segment
+    from salmonn_cli.longform import LongformSettings, answer_file
+
+    heard = []  # one entry per silero-vad pass over a waveform
+    monkeypatch.setattr(segment, "speech_probabilities", lambda w: heard.append(len(w)) or np.zeros(len(w) // 512 + 1))
+    options = salmonn_cli.DecodeOptions(max_new_tokens=2, num_beams=1)
+    asked = answer_file(model, tone(3.0), "What do you hear?", options, LongformSettings())
+    assert heard == [] and asked.answered == 1  # nothing reads a single segment's speech spans
+    answer_file(model, tone(3.0), "Transcribe.", options, LongformSettings(speech_only=True))
+    assert len(heard) == 1  # transcription's cues follow the speech, so the VAD runs
+    answer_file(model, tone(31.0), "What do you hear?", options, LongformSettings())
+    assert len(heard) == 2  # longer than one window: cut at pauses
+
+
+def test_load_model_takes_one_model_settings_and_its_fields_by_keyword(tiny):
+    from salmonn_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown model setting"):
+        load(tiny, window_seconds=1.0)  # refused before anything is read
+    with pytest.raises(UsageError, match="exactly one"):
+        load(tiny, prompt_template="USER: no slot\nASSISTANT:")
+    settings = salmonn_cli.ModelSettings(lora_scale=2.0, qformer_heads=4)
+    model = load(tiny, settings=settings, lora_scale=3.0)  # a keyword changes one field of `settings`
+    assert model.settings.trained_lora_scale == 3.0 and model.connector.qformer.config.num_attention_heads == 4
+    assert {layer.scaling["default"] for layer in lora_layers(model.llm)} == {3.0}

@@ -184,8 +184,9 @@ def make_data(
         stderr.print(f"[{i + 1}/{len(inputs)}] {path.name}: {answer}")
 
     generator = seeded_generator(decode.seed, loaded.model.device)  # reproducible data when sampling
-    made = make_examples(loaded.model, inputs, text, decode.options, lora_scale=scale, generator=generator,
-                         on_example=show)  # fmt: skip
+    made = make_examples(
+        loaded.model, inputs, text, decode.options, lora_scale=scale, generator=generator, on_example=show
+    )
     write_examples(output, made)
     stderr.print(f"wrote {len(made)} example(s) to {output} (LoRA scale {scale}); review them, then:"
                  f" salmonn finetune --few-shot {output} -o OUT")  # fmt: skip

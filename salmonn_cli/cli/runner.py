@@ -159,8 +159,9 @@ def answer_item(
     scale = decode.scale_for(task.lora_scale)
     generator = seeded_generator(decode.seed, loaded.model.device)
     with oom_hint(loaded):
-        answer = answer_file(loaded.model, waveform, instruction, decode.options, settings, lora_scale=scale,
-                             generator=generator)  # fmt: skip
+        answer = answer_file(
+            loaded.model, waveform, instruction, decode.options, settings, lora_scale=scale, generator=generator
+        )
     if answer.skipped == "silence":
         warn(f"{item.path}: no audible content (silence); nothing to answer. Use --force to run the model anyway")
     return Record(
