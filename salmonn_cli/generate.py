@@ -14,6 +14,7 @@ same number of audio tokens); every row gets the semantics it would get alone. B
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -97,6 +98,14 @@ def build_logits_warpers(options: DecodeOptions):
     return warpers
 
 
+def _cache_keyword(lm: Any) -> str:
+    """The forward keyword (and output field) of the KV cache: `cache` where the model's forward names it
+    (transformers 5.2x on, where `past_key_values` is deprecated, warns on every call and goes in 5.40), else
+    `past_key_values` (earlier 5.x, and models that know only that name)."""
+    model = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # peft passes the keyword through
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 class _Stepper:
     """Feeds the LM as 4.28 did: the embeddings once (never the placeholder), then one id per row + KV cache.
 
@@ -105,6 +114,7 @@ class _Stepper:
 
     def __init__(self, lm: Any, inputs_embeds: torch.Tensor) -> None:
         self.lm = lm
+        self.cache_keyword = _cache_keyword(lm)
         self.embeds = inputs_embeds
         self.batch = inputs_embeds.shape[0]
         self.next_position = inputs_embeds.shape[1]  # first generated id sits at position N
@@ -119,7 +129,7 @@ class _Stepper:
             position_ids=torch.arange(n, device=device)[None].expand(batch, -1),
             use_cache=True,
         )
-        self.cache = out.past_key_values
+        self.cache = getattr(out, self.cache_keyword)
         if beams > 1:
             self.cache.batch_repeat_interleave(beams)
         return out.logits[:, -1, :].repeat_interleave(beams, dim=0)
@@ -131,10 +141,10 @@ class _Stepper:
             input_ids=tokens[:, None],
             attention_mask=torch.ones((rows, position + 1), dtype=torch.long, device=device),
             position_ids=torch.full((rows, 1), position, dtype=torch.long, device=device),
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.cache_keyword: self.cache},
         )
-        self.cache = out.past_key_values
+        self.cache = getattr(out, self.cache_keyword)
         self.next_position += 1
         return out.logits[:, -1, :]
 

@@ -214,3 +214,14 @@ def test_out_of_gpu_memory_is_exit_6_with_a_hint():
     with pytest.raises(OutOfMemoryError, match="--quant 4bit") as err, oom_hint(loaded):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert err.value.exit_code == 6
+
+
+def test_a_normal_ask_prints_the_answer_and_no_line_but_our_own(tiny, clips):
+    model = ["--model", str(tiny / "model.toml"), "--max-new-tokens", "3"]  # the defaults otherwise: 4 beams
+    run = salmonn("ask", str(clips["tone"]), "What do you hear?", *model)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip()
+    # ours: the CPU warning and the load line; a dependency's warning (transformers' deprecated cache keyword) is not
+    ours = ("salmonn: ", "Loaded ")
+    foreign = [line for line in run.stderr.splitlines() if line.strip() and not line.startswith(ours)]
+    assert foreign == []
