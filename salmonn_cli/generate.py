@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -103,7 +104,12 @@ def _cache_keyword(lm: Any) -> str:
     (transformers 5.2x on, where `past_key_values` is deprecated, warns on every call and goes in 5.40), else
     `past_key_values` (earlier 5.x, and models that know only that name)."""
     model = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # peft passes the keyword through
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return _cache_keyword_of(type(model))
+
+
+@lru_cache(maxsize=None)
+def _cache_keyword_of(model_class: type) -> str:  # a fact of the class: looked up once, not per decode call
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 class _Stepper:

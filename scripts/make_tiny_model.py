@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the model file's settings are salmonn_cli's
+
 
 @dataclass(frozen=True)
 class TinySizes:

@@ -95,7 +95,11 @@ def open_model(choice: ModelChoice) -> LoadedModel:
 
 
 def run_task(
-    loaded: LoadedModel, task: Task, items: list[InputItem], decode: DecodeChoice, plan: OutputPlan,
+    loaded: LoadedModel,
+    task: Task,
+    items: list[InputItem],
+    decode: DecodeChoice,
+    plan: OutputPlan,
     settings: LongformSettings,
 ) -> int:
     """Run `task` on each input in turn (skipping those already done); emit each result as it finishes;
