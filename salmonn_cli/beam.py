@@ -1,6 +1,6 @@
 """transformers 4.28's beam search (`beam_search` / `beam_sample` with `BeamSearchScorer`), for (batch, beams).
 
-The loop is driven by `generate._Stepper` (the LM and its KV cache); this module keeps the 4.28 bookkeeping:
+The loop drives an `engine.DecodeEngine` (the LM and its KV cache); this module keeps the 4.28 bookkeeping:
 one `BeamHypotheses` per prompt, its `_done` flag, the rank-based eos rule and `finalize`. A prompt that is done
 is padded (score 0, token pad, source row 0) and never changes again, so every prompt of a batch ends exactly
 as it would alone; the loop ends when every prompt is done or the ids reach `max_length`.
@@ -113,21 +113,22 @@ def beam_candidates(scores, num_beams: int, do_sample: bool, generator):
     return picked, torch.gather(tokens, -1, order)
 
 
-def beam_decode(stepper: Any, options: Any, processors, warpers, limits: Any, generator):
-    """4.28 `beam_search` / `beam_sample` over every prompt of `stepper`: the best `Hypothesis` per prompt.
+def beam_decode(engine: Any, embeds, options: Any, processors, warpers, limits: Any, generator):
+    """4.28 `beam_search` / `beam_sample` over every prompt of `embeds` (B, N, D): the best `Hypothesis` per prompt.
 
-    `limits` is a `generate.DecodeLimits`; ids and scores are shaped (batch * beams, ...), prompt-major.
+    `engine` is an `engine.DecodeEngine`, `limits` a `generate.DecodeLimits`; ids and scores are shaped
+    (batch * beams, ...), prompt-major.
     """
     max_length, eos, bos, pad = limits.max_length, limits.eos, limits.bos, limits.pad
-    batch, k = stepper.batch, options.num_beams
-    device = stepper.embeds.device
+    batch, k = embeds.shape[0], options.num_beams
+    device = embeds.device
     ids = torch.full((batch * k, 1), bos, dtype=torch.long, device=device)
     beam_scores = torch.zeros((batch, k), dtype=torch.float, device=device)
     if not options.do_sample:
         beam_scores[:, 1:] = -1e9  # beam_search only: identical beams must not all pick the same token
     beam_scores = beam_scores.view(-1)
     scorer = BeamScorer(batch, k, options.length_penalty)
-    logits = stepper.prefill(k)
+    logits = engine.start(embeds, k, options.max_new_tokens)
     while True:
         scores = processors(ids, torch.log_softmax(logits, dim=-1))
         scores = scores + beam_scores[:, None].expand_as(scores)
@@ -141,6 +142,6 @@ def beam_decode(stepper: Any, options: Any, processors, warpers, limits: Any, ge
         # running beams never end in eos, so SALMONN's stop-at-eos criterion cannot fire here
         if all(scorer.done) or ids.shape[-1] >= max_length:
             break
-        stepper.reorder(rows)
-        logits = stepper.step(tokens)
+        engine.reorder(rows)
+        logits = engine.step(tokens)
     return scorer.finalize(ids, beam_scores, max_length, eos)

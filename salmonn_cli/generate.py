@@ -5,8 +5,9 @@ inputs_embeds-only generation from `input_ids = [[bos]]`: a placeholder that is 
 counts for `min_length`, for the repetition penalty (id 1 is penalised from step 1) and for beam-search
 length normalisation. Current transformers starts from an empty id tensor and its vectorised beam search
 normalises and early-stops differently, so its ids differ. This module re-implements 4.28's `greedy_search`,
-`sample`, `beam_search` and `beam_sample` on top of the real parts: the causal LM's forward with its KV cache
-and transformers' own logits processors, applied to an id tensor that includes the placeholder.
+`sample`, `beam_search` and `beam_sample` on top of the real parts: the LLM's own layers, driven with a static KV
+cache (and on CUDA a captured step) by engine.py, and transformers' own logits processors, applied to an id
+tensor that includes the placeholder.
 
 `decode_batch` runs B prompts of one length together (segments of a long file share the prompt and have the
 same number of audio tokens); every row gets the semantics it would get alone. Beam search lives in beam.py.
@@ -14,9 +15,7 @@ same number of audio tokens); every row gets the semantics it would get alone. B
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 
 from .beam import beam_decode
 from .decode_options import DecodeOptions
+from .engine import DecodeEngine, engine_for
 from .errors import UsageError
 
 LLAMA_BOS, LLAMA_EOS, LLAMA_PAD = 1, 2, 0  # LLaMA's ids (pad: <unk>), for callers that pass no tokenizer's
@@ -99,67 +99,18 @@ def build_logits_warpers(options: DecodeOptions):
     return warpers
 
 
-def _cache_keyword(lm: Any) -> str:
-    """The forward keyword (and output field) of the KV cache: `cache` where the model's forward names it
-    (transformers 5.2x on, where `past_key_values` is deprecated, warns on every call and goes in 5.40), else
-    `past_key_values` (earlier 5.x, and models that know only that name)."""
-    model = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # peft passes the keyword through
-    return _cache_keyword_of(type(model))
+# Off CUDA a host check costs nothing; on CUDA greedy rows are checked for "all finished" every few steps, so the
+# host does not wait on the device each step (the extra steps feed pad to finished rows and change no row's ids).
+# Sampling checks every step: an extra step would draw from the generator and change the next call's draws.
+STOP_CHECK_STEPS = 8
 
 
-@lru_cache(maxsize=None)
-def _cache_keyword_of(model_class: type) -> str:  # a fact of the class: looked up once, not per decode call
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-class _Stepper:
-    """Feeds the LM as 4.28 did: the embeddings once (never the placeholder), then one id per row + KV cache.
-
-    Every prompt of a batch has the same length N, so no row needs padding or a masked position.
-    """
-
-    def __init__(self, lm: Any, inputs_embeds: torch.Tensor) -> None:
-        self.lm = lm
-        self.cache_keyword = _cache_keyword(lm)
-        self.embeds = inputs_embeds
-        self.batch = inputs_embeds.shape[0]
-        self.next_position = inputs_embeds.shape[1]  # first generated id sits at position N
-        self.cache: Any = None
-
-    def prefill(self, beams: int) -> torch.Tensor:
-        """Last-position logits of every prompt, each repeated `beams` times (beams share one prompt pass)."""
-        batch, n, device = self.batch, self.embeds.shape[1], self.embeds.device
-        out = self.lm(
-            inputs_embeds=self.embeds,
-            attention_mask=torch.ones((batch, n), dtype=torch.long, device=device),
-            position_ids=torch.arange(n, device=device)[None].expand(batch, -1),
-            use_cache=True,
-        )
-        self.cache = getattr(out, self.cache_keyword)
-        if beams > 1:
-            self.cache.batch_repeat_interleave(beams)
-        return out.logits[:, -1, :].repeat_interleave(beams, dim=0)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits after feeding one id per row (`tokens` (rows,)) at the next position."""
-        rows, position, device = tokens.shape[0], self.next_position, tokens.device
-        out = self.lm(
-            input_ids=tokens[:, None],
-            attention_mask=torch.ones((rows, position + 1), dtype=torch.long, device=device),
-            position_ids=torch.full((rows, 1), position, dtype=torch.long, device=device),
-            use_cache=True,
-            **{self.cache_keyword: self.cache},
-        )
-        self.cache = getattr(out, self.cache_keyword)
-        self.next_position += 1
-        return out.logits[:, -1, :]
-
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        self.cache.reorder_cache(beam_idx)
+def _stop_check_interval(options: DecodeOptions, device: torch.device) -> int:
+    return STOP_CHECK_STEPS if device.type == "cuda" and not options.do_sample else 1
 
 
 def _greedy_or_sample(
-    stepper, options, processors, warpers, limits: DecodeLimits, generator, keep_scores
+    engine: DecodeEngine, embeds, options, processors, warpers, limits: DecodeLimits, generator, keep_scores
 ) -> list[DecodeOutput]:
     """4.28 `greedy_search` / `sample`: a row stops at eos, or all stop when ids (placeholder included) hit max_length.
 
@@ -167,11 +118,12 @@ def _greedy_or_sample(
     when every row has finished (4.28's `unfinished_sequences`) or at max_length.
     """
     max_length, eos, bos, pad = limits.max_length, limits.eos, limits.bos, limits.pad
-    batch, device = stepper.batch, stepper.embeds.device
+    batch, device = embeds.shape[0], embeds.device
     ids = torch.full((batch, 1), bos, dtype=torch.long, device=device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     generated = torch.zeros(batch, dtype=torch.long, device=device)  # ids per row up to and including its eos
-    logits = stepper.prefill(1)
+    check_every = _stop_check_interval(options, device)
+    logits = engine.start(embeds, 1, options.max_new_tokens)
     step_scores = []
     while True:
         scores = processors(ids, logits)
@@ -188,10 +140,10 @@ def _greedy_or_sample(
         ids = torch.cat([ids, next_tokens[:, None]], dim=-1)
         generated += unfinished
         unfinished &= next_tokens != eos
-        # SALMONN's stop-at-eos criterion (each row as if alone) and 4.28's MaxLengthCriteria
-        if not unfinished.any() or ids.shape[-1] >= max_length:
+        # 4.28's MaxLengthCriteria and SALMONN's stop-at-eos criterion (each row as if alone)
+        if ids.shape[-1] >= max_length or (ids.shape[-1] % check_every == 0 and not unfinished.any()):
             break
-        logits = stepper.step(next_tokens)
+        logits = engine.step(next_tokens)
     counts, rows = generated.tolist(), ids[:, 1:].tolist()
     table = torch.stack(step_scores, dim=1).numpy() if keep_scores else None  # (batch, steps, V)
     return [
@@ -226,11 +178,13 @@ def decode_batch(
     limits = DecodeLimits(1 + options.max_new_tokens, eos_token_id, bos_token_id, pad_token_id)  # placeholder + new
     processors = build_logits_processors(options, eos_token_id, inputs_embeds.device)
     warpers = build_logits_warpers(options) if options.do_sample else None
+    engine = engine_for(lm) if isinstance(lm, torch.nn.Module) else lm
     with torch.inference_mode():
-        stepper = _Stepper(lm, inputs_embeds)
         if options.num_beams == 1:
-            return _greedy_or_sample(stepper, options, processors, warpers, limits, generator, keep_step_scores)
-        best = beam_decode(stepper, options, processors, warpers, limits, generator)
+            return _greedy_or_sample(
+                engine, inputs_embeds, options, processors, warpers, limits, generator, keep_step_scores
+            )
+        best = beam_decode(engine, inputs_embeds, options, processors, warpers, limits, generator)
     return [DecodeOutput(token_ids=tuple(hyp[1:]), sequence_score=float(score)) for score, hyp in best]
 
 

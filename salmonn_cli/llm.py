@@ -141,24 +141,56 @@ def lora_layers(model: "nn.Module") -> list["nn.Module"]:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+def lora_scale_tensor(model: "nn.Module") -> "torch.Tensor | None":
+    """The one 0-dim tensor every LoRA layer of `model` multiplies by (W x + s * B A x); None without LoRA.
+
+    peft keeps a Python float per layer; the first call puts one shared float32 tensor, on the adapter's device, in
+    its place, so changing the scale is a device-side write (`fill_`): a CUDA graph or compiled step that read the
+    tensor keeps reading it, and nothing is recorded or compiled again. peft's forward multiplies by whatever the
+    dict holds, and the tensor's product is the float's exactly (s = 0 gives the base output to the bit).
+    """
+    import torch
+
+    layers = lora_layers(model)
+    if not layers:
+        return None
+    device = layers[0].lora_A[ADAPTER].weight.device
+    current = layers[0].scaling[ADAPTER]
+    shared = current if isinstance(current, torch.Tensor) and current.device == device else None
+    if shared is None or any(layer.scaling[ADAPTER] is not shared for layer in layers):
+        with torch.inference_mode(False):  # a normal tensor: training multiplies by it and saves it for backward
+            shared = torch.tensor(float(current), dtype=torch.float32, device=device)
+        for layer in layers:
+            layer.scaling[ADAPTER] = shared
+    return shared
+
+
+def lora_scales(model: "nn.Module") -> set[float]:
+    """The distinct scalings the LoRA layers of `model` apply now (one value for a model loaded here)."""
+    return {float(layer.scaling[ADAPTER]) for layer in lora_layers(model)}
+
+
 @contextlib.contextmanager
 def scaled_lora(model: "nn.Module", scale: float | None) -> Iterator[None]:
     """Set the scaling every LoRA layer applies (W x + scale * B A x) for the duration of a call.
 
-    `None` leaves the current scaling; 0 turns LoRA off. The previous values are restored afterwards.
+    `None` leaves the current scaling; 0 turns LoRA off. The previous value is restored afterwards. The scale is
+    data (`lora_scale_tensor`), so a new value re-records and re-compiles nothing.
     """
-    if scale is None:
+    shared = None if scale is None else lora_scale_tensor(model)
+    if shared is None:
         yield
         return
-    layers = lora_layers(model)
-    saved = [layer.scaling[ADAPTER] for layer in layers]
+    import torch
+
+    saved = float(shared)
     try:
-        for layer in layers:
-            layer.scaling[ADAPTER] = float(scale)
+        with torch.inference_mode(False), torch.no_grad():
+            shared.fill_(float(scale))
         yield
     finally:
-        for layer, value in zip(layers, saved, strict=True):
-            layer.scaling[ADAPTER] = value
+        with torch.inference_mode(False), torch.no_grad():
+            shared.fill_(saved)
 
 
 def input_embeddings(model: "nn.Module") -> "nn.Module":

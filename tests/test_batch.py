@@ -7,7 +7,6 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import salmonn_cli
 from salmonn_cli.errors import UsageError
 from salmonn_cli.generate import DecodeOptions, decode, decode_batch
 
-from .test_generate import PrefixCache  # the DynamicCache stand-in that follows beam reordering
+from .test_generate import TableEngine  # a DecodeEngine stand-in that follows beam reordering
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Please describe the audio."
@@ -28,21 +27,19 @@ PAD, EOS = 0, 2
 # a fake LM: row b's prompt id is inputs_embeds[b, 0, 0]; logits = table(prompt id, ids generated so far)
 
 
-class PromptLM(torch.nn.Module):
-    def __init__(self, table) -> None:
-        super().__init__()
-        self.table = table
-        self.fed: list[list[int]] = []  # the ids fed at each step, one per row
+class PromptEngine(TableEngine):
+    """Row b starts from its prompt id (inputs_embeds[b, 0, 0]); logits = table(prompt id, ids generated so far)."""
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, **kwargs):
-        if inputs_embeds is not None:
-            cache = PrefixCache([(int(p),) for p in inputs_embeds[:, 0, 0].tolist()])
-        else:
-            cache = kwargs["past_key_values"]
-            self.fed.append(input_ids[:, 0].tolist())
-            cache.rows = [row + (t,) for row, t in zip(cache.rows, input_ids[:, 0].tolist(), strict=True)]
-        logits = torch.stack([self.table(row[0], row[1:]) for row in cache.rows])[:, None]
-        return SimpleNamespace(logits=logits, past_key_values=cache)
+    def __init__(self, table) -> None:
+        super().__init__(lambda row: table(row[0], row[1:]))
+
+    def start_row(self, inputs_embeds: torch.Tensor, b: int) -> tuple:
+        return (int(inputs_embeds[b, 0, 0]),)
+
+    @property
+    def fed(self) -> list[list[int]]:
+        """The ids fed at each step, one per row."""
+        return [call["tokens"] for call in self.calls[1:]]
 
 
 def prompts(*ids: int) -> torch.Tensor:
@@ -66,20 +63,20 @@ def _eos_after(prompt: int, row: tuple[int, ...]) -> torch.Tensor:
 
 
 def test_greedy_rows_end_at_their_own_eos_and_finished_rows_are_fed_pad():
-    lm = PromptLM(_eos_after)
+    lm = PromptEngine(_eos_after)
     outs = decode_batch(lm, prompts(2, 0, 4), DecodeOptions(num_beams=1, max_new_tokens=6))
     assert [o.token_ids for o in outs] == [(3, 4, EOS), (3, 4, 3, 4, 3, 4), (3, 4, 3, 4, EOS)]
     # as in 4.28 a row's eos is still fed once (it was the last id generated), then pad
     assert lm.fed[2] == [EOS, 3, 3] and lm.fed[3] == [PAD, 4, 4] and lm.fed[4] == [PAD, 3, EOS]
     assert [o.step_scores.shape for o in outs] == [(3, 6), (6, 6), (5, 6)]
     for b, out in enumerate(outs):
-        alone = decode(PromptLM(_eos_after), prompts((2, 0, 4)[b]), DecodeOptions(num_beams=1, max_new_tokens=6))
+        alone = decode(PromptEngine(_eos_after), prompts((2, 0, 4)[b]), DecodeOptions(num_beams=1, max_new_tokens=6))
         assert out.token_ids == alone.token_ids
         np.testing.assert_array_equal(out.step_scores, alone.step_scores)
 
 
 def test_greedy_loop_stops_when_the_last_row_finishes():
-    lm = PromptLM(_eos_after)
+    lm = PromptEngine(_eos_after)
     outs = decode_batch(lm, prompts(1, 3), DecodeOptions(num_beams=1, max_new_tokens=50))
     assert [o.token_ids for o in outs] == [(3, EOS), (3, 4, 3, EOS)]
     assert len(lm.fed) == 3  # prefill, then 3 steps: none after the last eos
@@ -90,8 +87,8 @@ def test_greedy_loop_stops_when_the_last_row_finishes():
 def test_beam_rows_equal_each_row_alone(num_beams, length_penalty):
     options = DecodeOptions(num_beams=num_beams, max_new_tokens=10, length_penalty=length_penalty)
     ids = (0, 3, 1, 5)
-    outs = decode_batch(PromptLM(_random_table), prompts(*ids), options)
-    alone = [decode(PromptLM(_random_table), prompts(p), options) for p in ids]
+    outs = decode_batch(PromptEngine(_random_table), prompts(*ids), options)
+    alone = [decode(PromptEngine(_random_table), prompts(p), options) for p in ids]
     assert [o.token_ids for o in outs] == [a.token_ids for a in alone]
     assert [o.sequence_score for o in outs] == pytest.approx([a.sequence_score for a in alone], abs=1e-6)
     assert len({len(a.token_ids) for a in alone}) > 1  # rows did end at different steps
@@ -101,22 +98,22 @@ def test_sampling_is_reproducible_per_batch_and_batch_of_one_is_decode():
     options = DecodeOptions(num_beams=1, do_sample=True, top_k=8, top_p=0.95, temperature=0.9, max_new_tokens=8)
 
     def run(embeds, seed):
-        return decode_batch(PromptLM(_random_table), embeds, options, generator=torch.Generator().manual_seed(seed))
+        return decode_batch(PromptEngine(_random_table), embeds, options, generator=torch.Generator().manual_seed(seed))
 
     assert [o.token_ids for o in run(prompts(0, 1, 2), 5)] == [o.token_ids for o in run(prompts(0, 1, 2), 5)]
-    single = decode(PromptLM(_random_table), prompts(1), options, generator=torch.Generator().manual_seed(5))
+    single = decode(PromptEngine(_random_table), prompts(1), options, generator=torch.Generator().manual_seed(5))
     assert run(prompts(1), 5)[0].token_ids == single.token_ids
     top1 = DecodeOptions(num_beams=1, do_sample=True, top_k=1, max_new_tokens=8)
-    sampled = decode_batch(PromptLM(_random_table), prompts(0, 1, 2), top1, generator=torch.Generator())
-    greedy = decode_batch(PromptLM(_random_table), prompts(0, 1, 2), DecodeOptions(num_beams=1, max_new_tokens=8))
+    sampled = decode_batch(PromptEngine(_random_table), prompts(0, 1, 2), top1, generator=torch.Generator())
+    greedy = decode_batch(PromptEngine(_random_table), prompts(0, 1, 2), DecodeOptions(num_beams=1, max_new_tokens=8))
     assert [o.token_ids for o in sampled] == [o.token_ids for o in greedy]
 
 
 def test_decode_batch_rejects_a_bad_shape():
     with pytest.raises(UsageError):
-        decode_batch(PromptLM(_random_table), torch.zeros(0, 4, 8), DecodeOptions())
+        decode_batch(PromptEngine(_random_table), torch.zeros(0, 4, 8), DecodeOptions())
     with pytest.raises(UsageError):
-        decode_batch(PromptLM(_random_table), torch.zeros(4, 8), DecodeOptions())
+        decode_batch(PromptEngine(_random_table), torch.zeros(4, 8), DecodeOptions())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from salmonn_cli.finetune.data import split_validation
 from salmonn_cli.finetune.make_data import plan_inputs
 from salmonn_cli.finetune.train import training_quantization
 from salmonn_cli.hub import sha256_of
-from salmonn_cli.llm import lora_layers
+from salmonn_cli.llm import lora_scales
 from tests.speech import SENTENCES, espeak
 
 from .conftest import make_tiny
@@ -66,9 +66,12 @@ def tiny(tmp_path_factory) -> Path:  # this module's own: it sharpens the head (
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """Four espeak clips and `data.jsonl` with short answers (tasks and instructions mixed)."""
-    folder = tmp_path_factory.mktemp("data")
-    (folder / "clips").mkdir()
+    return write_data(tmp_path_factory.mktemp("data"))
+
+
+def write_data(folder: Path) -> Path:
+    """Four espeak clips and `data.jsonl` with short answers (tasks and instructions mixed), in `folder`."""
+    (folder / "clips").mkdir(parents=True)
     lines = []
     for i, response in enumerate(RESPONSES):
         sf.write(folder / "clips" / f"c{i}.wav", espeak(SENTENCES[i]), SAMPLE_RATE)
@@ -220,7 +223,7 @@ def test_the_checkpoint_loads_everywhere_and_changes_generation(trained, tiny):
     embeds = base.inputs_embeds(base.audio_tokens(wave), "What is said?")
     assert torch.equal(tuned.next_token_logits(embeds, lora_scale=0.0), base.next_token_logits(embeds, lora_scale=0.0))
     assert not torch.allclose(tuned.next_token_logits(embeds, lora_scale=2.0), tuned.next_token_logits(embeds))
-    assert {layer.scaling["default"] for layer in lora_layers(tuned.llm)} == {4.0}
+    assert lora_scales(tuned.llm) == {4.0}
 
 
 def test_first_step_loss_equals_model_loss(tiny, data_dir, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 from salmonn_cli.errors import UsageError
 from salmonn_cli.generate import DecodeOptions, DecodeOutput, GenerationResult, Timings, decode
+from salmonn_cli.llm import lora_scales
 from salmonn_cli.llm import scaled_lora as lora_scale
 from tests.reference import case_paths, load_case
 
@@ -63,11 +63,8 @@ def _embeds(case) -> torch.Tensor:
 
 @pytest.mark.parametrize("json_path", CASES, ids=CASE_IDS)
 def test_reference_lora_scale_is_alpha_over_rank(json_path, reference_lm):
-    from peft.tuners.lora import LoraLayer
-
     case = load_case(json_path)
-    scales = {m.scaling["default"] for m in reference_lm(case).modules() if isinstance(m, LoraLayer)}
-    assert scales == {case.meta["lora_scale"]}
+    assert lora_scales(reference_lm(case)) == {case.meta["lora_scale"]}
 
 
 @pytest.mark.parametrize("json_path", CASES, ids=CASE_IDS)
@@ -108,56 +105,36 @@ def test_reference_greedy_lora_scale_variants(json_path, scale, key, reference_l
 # 4.28 semantics on a fake LM whose next-token logits are a fixed function of the row's generated ids
 
 
-class PrefixCache:
-    """Stands in for DynamicCache: remembers the ids each row was fed, follows beam reordering."""
+class TableEngine:
+    """A `DecodeEngine` whose next-token logits are `table(ids fed so far in that row)`; records every call.
 
-    def __init__(self, rows: list[tuple[int, ...]]) -> None:
-        self.rows = rows
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.rows = [row for row in self.rows for _ in range(repeats)]
-
-    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-        self.rows = [self.rows[i] for i in beam_idx.tolist()]
-
-
-class TableLM(torch.nn.Module):
-    """Causal-LM call signature; logits = table(ids generated so far in that row)."""
+    `start_row(b)` is what a row of prompt b starts from (here: nothing); beam reordering moves the rows' ids along.
+    """
 
     def __init__(self, table) -> None:
-        super().__init__()
         self.table = table
         self.calls: list[dict] = []
+        self.rows: list[tuple] = []
 
-    def forward(
-        self,
-        input_ids=None,
-        inputs_embeds=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        use_cache=True,
-    ):
-        self.calls.append(
-            {
-                "input_ids": None if input_ids is None else input_ids.tolist(),
-                "embeds": inputs_embeds is not None,
-                "position_ids": position_ids.tolist(),
-                "mask_len": attention_mask.shape[-1],
-            }
-        )
-        if inputs_embeds is not None:
-            assert past_key_values is None
-            cache = PrefixCache([()] * inputs_embeds.shape[0])
-            seq = inputs_embeds.shape[1]
-        else:
-            cache = past_key_values
-            cache.rows = [row + (token,) for row, token in zip(cache.rows, input_ids[:, -1].tolist(), strict=True)]
-            seq = 1
-        last = torch.stack([self.table(row) for row in cache.rows])
-        logits = torch.zeros(last.shape[0], seq, last.shape[1])
-        logits[:, -1] = last
-        return SimpleNamespace(logits=logits, past_key_values=cache)
+    def start_row(self, inputs_embeds: torch.Tensor, b: int) -> tuple:
+        return ()
+
+    def start(self, inputs_embeds: torch.Tensor, beams: int, max_new_tokens: int) -> torch.Tensor:
+        self.calls.append({"prompt_shape": tuple(inputs_embeds.shape), "beams": beams})
+        batch = inputs_embeds.shape[0]
+        self.rows = [self.start_row(inputs_embeds, b) for b in range(batch) for _ in range(beams)]
+        return self._logits()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.calls.append({"tokens": tokens.tolist()})
+        self.rows = [row + (token,) for row, token in zip(self.rows, tokens.tolist(), strict=True)]
+        return self._logits()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.rows = [self.rows[i] for i in rows.tolist()]
+
+    def _logits(self) -> torch.Tensor:
+        return torch.stack([self.table(row) for row in self.rows])
 
 
 def raw_logits(vocab: int, values: dict[int, float], rest: float = 0.0) -> torch.Tensor:
@@ -177,18 +154,16 @@ EMBEDS = torch.zeros(1, 5, 8)
 GREEDY = dict(num_beams=1, max_new_tokens=4)
 
 
-def test_placeholder_is_never_fed_and_positions_continue_after_the_prompt():
-    lm = TableLM(lambda row: raw_logits(6, {3: 1.0}))  # always 3: runs to max_new_tokens
+def test_placeholder_is_never_fed_and_the_last_id_is_not_either():
+    lm = TableEngine(lambda row: raw_logits(6, {3: 1.0}))  # always 3: runs to max_new_tokens
     out = decode(lm, EMBEDS, DecodeOptions(**GREEDY))
     assert out.token_ids == (3, 3, 3, 3)  # no eos appended when max_new_tokens ends generation
-    assert lm.calls[0]["embeds"] and lm.calls[0]["position_ids"] == [[0, 1, 2, 3, 4]]
-    assert [call["input_ids"] for call in lm.calls[1:]] == [[[3]]] * 3
-    assert [call["position_ids"] for call in lm.calls[1:]] == [[[5]], [[6]], [[7]]]
-    assert [call["mask_len"] for call in lm.calls] == [5, 6, 7, 8]
+    assert lm.calls[0] == {"prompt_shape": (1, 5, 8), "beams": 1}
+    assert lm.calls[1:] == [{"tokens": [3]}] * 3  # (positions are the engine's: tests/test_engine.py)
 
 
 def test_repetition_penalty_hits_the_placeholder_id_from_the_first_step():
-    lm = TableLM(lambda row: raw_logits(6, {1: 2.0, 3: 1.5, EOS: -5.0} if not row else {1: 0.5, 3: 1.5, EOS: 1.2}))
+    lm = TableEngine(lambda row: raw_logits(6, {1: 2.0, 3: 1.5, EOS: -5.0} if not row else {1: 0.5, 3: 1.5, EOS: 1.2}))
     plain = decode(lm, EMBEDS, DecodeOptions(**GREEDY, repetition_penalty=1.0))
     assert plain.token_ids[0] == 1
     penalised = decode(lm, EMBEDS, DecodeOptions(**GREEDY, repetition_penalty=1.5))
@@ -201,7 +176,7 @@ def test_repetition_penalty_hits_the_placeholder_id_from_the_first_step():
 
 
 def test_eos_at_the_first_step_is_allowed_with_min_length_1():
-    lm = TableLM(lambda row: raw_logits(6, {EOS: 3.0, 4: 2.0}))
+    lm = TableEngine(lambda row: raw_logits(6, {EOS: 3.0, 4: 2.0}))
     assert decode(lm, EMBEDS, DecodeOptions(**GREEDY, min_length=1)).token_ids == (EOS,)
     # min_length counts the placeholder: 2 blocks eos at the first step only
     blocked = decode(lm, EMBEDS, DecodeOptions(**GREEDY, min_length=2))
@@ -228,7 +203,7 @@ def _placeholder_table(row: tuple[int, ...]) -> torch.Tensor:
 
 
 def test_beam_length_normalisation_counts_the_placeholder():
-    out = decode(TableLM(_placeholder_table), EMBEDS, DecodeOptions(num_beams=2, max_new_tokens=3))
+    out = decode(TableEngine(_placeholder_table), EMBEDS, DecodeOptions(num_beams=2, max_new_tokens=3))
     assert out.token_ids == (3, EOS)
     assert out.sequence_score == pytest.approx(-1.0 / 2, abs=1e-5)
 
@@ -236,7 +211,7 @@ def test_beam_length_normalisation_counts_the_placeholder():
 def test_beam_unfinished_hypotheses_are_normalised_by_placeholder_plus_new_ids():
     table = {(): {3: 0.6, 4: 0.3}, (3,): {4: 0.7}, (4,): {3: 0.5}}
     out = decode(
-        TableLM(lambda row: log_probs(6, table.get(row, {5: 0.9}))),
+        TableEngine(lambda row: log_probs(6, table.get(row, {5: 0.9}))),
         EMBEDS,
         DecodeOptions(num_beams=2, max_new_tokens=2),
     )
@@ -254,7 +229,7 @@ def test_sampling_with_a_seeded_generator_is_reproducible(num_beams):
     options = DecodeOptions(
         num_beams=num_beams, do_sample=True, temperature=0.8, top_k=20, top_p=0.95, max_new_tokens=12
     )
-    lm = TableLM(_random_table)
+    lm = TableEngine(_random_table)
 
     def run(seed: int) -> DecodeOutput:
         return decode(lm, EMBEDS, options, generator=torch.Generator().manual_seed(seed))
@@ -267,17 +242,17 @@ def test_sampling_with_a_seeded_generator_is_reproducible(num_beams):
 def test_beam_sample_starts_every_beam_at_score_zero():
     # 4.28 beam_sample (unlike beam_search) does not set beams 1.. to -1e9: the identical initial beams are all
     # sampled from, so a near-certain first token fills both running beams
-    lm = TableLM(lambda row: log_probs(6, {3: 0.999}))
+    lm = TableEngine(lambda row: log_probs(6, {3: 0.999}))
     options = DecodeOptions(num_beams=2, do_sample=True, max_new_tokens=2)
     decode(lm, EMBEDS, options, generator=torch.Generator().manual_seed(0))
-    assert lm.calls[1]["input_ids"] == [[3], [3]]
-    beam_search = TableLM(lambda row: log_probs(6, {3: 0.999}))
+    assert lm.calls[1]["tokens"] == [3, 3]
+    beam_search = TableEngine(lambda row: log_probs(6, {3: 0.999}))
     decode(beam_search, EMBEDS, DecodeOptions(num_beams=2, max_new_tokens=2))
-    assert beam_search.calls[1]["input_ids"][0] == [3] and beam_search.calls[1]["input_ids"][1] != [3]
+    assert beam_search.calls[1]["tokens"][0] == 3 and beam_search.calls[1]["tokens"][1] != 3
 
 
 def test_sampling_with_top_k_1_is_greedy():
-    lm = TableLM(_random_table)
+    lm = TableEngine(_random_table)
     greedy = decode(lm, EMBEDS, DecodeOptions(num_beams=1, max_new_tokens=12))
     sampled = decode(
         lm,
@@ -312,4 +287,4 @@ def test_result_types():
     result = GenerationResult(text="hi", token_ids=[5, EOS])
     assert result.timings == Timings() and result.timings.total_s == 0.0
     with pytest.raises(UsageError):
-        decode(TableLM(_random_table), torch.zeros(2, 3, 8), DecodeOptions())
+        decode(TableEngine(_random_table), torch.zeros(2, 3, 8), DecodeOptions())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import salmonn_cli
-from salmonn_cli.llm import lora_layers
+from salmonn_cli.llm import lora_layers, lora_scales
 
 from .conftest import make_tiny
 
@@ -56,10 +56,10 @@ def test_generate_returns_text_ids_and_timings(model):
 def test_lora_scale_applies_to_one_call_and_is_restored(model):
     embeds = model.inputs_embeds(model.audio_tokens(tone(1.0)), "What do you hear?")
     trained = model.next_token_logits(embeds)
-    assert {layer.scaling["default"] for layer in lora_layers(model.llm)} == {4.0}
+    assert lora_scales(model.llm) == {4.0}
     off = model.next_token_logits(embeds, lora_scale=0.0)
     assert not torch.allclose(trained, off)
-    assert {layer.scaling["default"] for layer in lora_layers(model.llm)} == {4.0}
+    assert lora_scales(model.llm) == {4.0}
     assert torch.equal(model.next_token_logits(embeds), trained)
     with torch.no_grad(), model.llm.disable_adapter():  # scale 0 is exactly the base LLaMA
         base = model.llm(inputs_embeds=embeds).logits[0, -1]
@@ -68,7 +68,7 @@ def test_lora_scale_applies_to_one_call_and_is_restored(model):
 
 def test_trained_scale_from_load_model_is_the_default(tiny):
     half = load(tiny, lora_scale=2.0)
-    assert {layer.scaling["default"] for layer in lora_layers(half.llm)} == {2.0}
+    assert lora_scales(half.llm) == {2.0}
 
 
 def test_loss_is_finite_and_depends_on_the_target(model):
@@ -126,4 +126,4 @@ def test_load_model_takes_one_model_settings_and_its_fields_by_keyword(tiny):
     settings = salmonn_cli.ModelSettings(lora_scale=2.0, qformer_heads=4)
     model = load(tiny, settings=settings, lora_scale=3.0)  # a keyword changes one field of `settings`
     assert model.settings.trained_lora_scale == 3.0 and model.connector.qformer.config.num_attention_heads == 4
-    assert {layer.scaling["default"] for layer in lora_layers(model.llm)} == {3.0}
+    assert lora_scales(model.llm) == {3.0}

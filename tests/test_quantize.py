@@ -14,7 +14,7 @@ import quantize
 from quantize import QuantizationError, QuantSpec, llm_dtype, llm_quantization_config
 from quantize.memory import GIB, choose_cpu_mode, choose_mode, estimate_memory
 from salmonn_cli.errors import DependencyError
-from salmonn_cli.llm import lora_layers
+from salmonn_cli.llm import lora_scales
 from tests.test_model import load, make_tiny
 
 COMBOS = [("bitsandbytes", "4bit"), ("bitsandbytes", "8bit"), ("quanto", "4bit"), ("quanto", "8bit")]
@@ -115,7 +115,7 @@ def test_lora_still_applies_and_its_scale_is_restored(quantised):
     trained = first_logits(model)
     off, strong = first_logits(model, lora_scale=0.0), first_logits(model, lora_scale=8.0)
     assert (trained - off).abs().max() > 1e-2 and (strong - trained).abs().max() > 1e-2
-    assert {layer.scaling["default"] for layer in lora_layers(model.llm)} == {4.0}
+    assert lora_scales(model.llm) == {4.0}
     assert torch.equal(first_logits(model), trained)
 
 
