@@ -1,12 +1,17 @@
-"""Backends: apply a QuantSpec to an LLM — bitsandbytes while `from_pretrained` loads, optimum-quanto after.
+"""Backends: apply a QuantSpec to an LLM — bitsandbytes while `from_pretrained` loads, optimum-quanto and torchao
+after.
 
 bitsandbytes replaces Linear layers as the weights are read (`llm_quantization_config`), so its spec must be known
-before loading. optimum-quanto quantises a loaded model in place (`quantize_in_place`), which lets the caller wrap
-the model with LoRA first and keep the adapter in full precision. Call both; each does nothing for the other backend.
+before loading. optimum-quanto and torchao quantise a loaded model in place (`quantize_in_place`), which lets the
+caller wrap the model with LoRA first and keep the adapter in full precision (peft refuses to wrap a torchao int4
+layer, but a wrapped layer's base can be quantised under it: peft's forward only calls it). Call both; each does
+nothing for the other backends.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import importlib.util
 import logging
 import types
@@ -23,8 +28,16 @@ if TYPE_CHECKING:
 _INSTALL = {
     "bitsandbytes": "pip install bitsandbytes",
     "quanto": "pip install optimum-quanto",
+    "torchao": "pip install torchao",
 }
-_MODULE = {"bitsandbytes": "bitsandbytes", "quanto": "optimum.quanto"}
+_MODULE = {"bitsandbytes": "bitsandbytes", "quanto": "optimum.quanto", "torchao": "torchao"}
+
+# torchao int4 weight-only through tinygemm (`_weight_int4pack_mm`): group size 128 as gpt-fast and torchao's
+# published figures use; the kernel needs in_features a multiple of the group and out_features of 8, bfloat16
+# weights, and a GPU of compute capability 8.0 or later. torchao 0.18 runs its int4 nowhere else (no CPU path).
+TINYGEMM_GROUP = 128
+_TINYGEMM_OUT_MULTIPLE = 8
+_TINYGEMM_MIN_CAPABILITY = (8, 0)
 
 # bitsandbytes' CPU 4-bit kernel repacks a weight for AVX512-BF16 only when it is a whole number of these blocks;
 # for any other shape it asserts (bitsandbytes 0.50), so such layers must take the plain dequantise path.
@@ -47,6 +60,16 @@ def _require(backend: str) -> None:
         )
 
 
+@functools.lru_cache(maxsize=None)
+def torchao_ready() -> bool:
+    """torchao is installed and this machine's GPU takes tinygemm's int4 kernel (what `auto` picks torchao for)."""
+    if importlib.util.find_spec("torchao") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= _TINYGEMM_MIN_CAPABILITY
+
+
 def resolve_backend(spec: QuantSpec | str | None, device_type: str) -> str | None:
     """The backend that will quantise on `device_type`, checked to be installed; None for full precision."""
     spec = QuantSpec.parse(spec)
@@ -58,7 +81,7 @@ def resolve_backend(spec: QuantSpec | str | None, device_type: str) -> str | Non
 
 
 def llm_dtype(spec: QuantSpec | str | None, device_type: str, dtype: "torch.dtype") -> "torch.dtype":
-    """The dtype to load the LLM in under `spec`: `dtype`, except quanto on CPU, which runs in bfloat16.
+    """The dtype to load the LLM in under `spec`: `dtype`, except quanto on CPU and torchao int4: bfloat16.
 
     Why: quanto's fast CPU kernels take bfloat16 activations only (TinyGemm for int4, torch's int8pack matmul for
     int8); with float32 every weight is dequantised on every call. Measured on 2 cores: int4 1.6 vs 6.5 tok/s on a
@@ -67,8 +90,11 @@ def llm_dtype(spec: QuantSpec | str | None, device_type: str, dtype: "torch.dtyp
     import torch
 
     spec = QuantSpec.parse(spec)
-    if spec.enabled and spec.backend_for(device_type) == "quanto" and device_type == "cpu":
+    backend = spec.backend_for(device_type) if spec.enabled else None
+    if backend == "quanto" and device_type == "cpu":
         return torch.bfloat16 if dtype == torch.float32 else dtype
+    if backend == "torchao" and spec.mode == "4bit":
+        return torch.bfloat16  # tinygemm packs bfloat16 weights and multiplies bfloat16 activations
     return dtype
 
 
@@ -103,7 +129,8 @@ def quantize_in_place(
     """Finish quantising a loaded `model` under `spec`; returns it.
 
     quanto: every `nn.Linear` whose qualified name matches none of the `exclude` shell patterns becomes a frozen
-    quanto QLinear (int8 or int4 weights). bitsandbytes (already applied by `from_pretrained`): on CPU, layers
+    quanto QLinear (int8 or int4 weights); torchao: the same layers get int4 (tinygemm) or int8 weight-only
+    tensors, on CUDA only. bitsandbytes (already applied by `from_pretrained`): on CPU, layers
     whose shape the packed kernel cannot take are steered to the generic path. Full precision: nothing.
     """
     backend = resolve_backend(spec, device_type)
@@ -111,17 +138,22 @@ def quantize_in_place(
         _bitsandbytes_cpu_shapes(model)
     elif backend == "quanto":
         _quanto(model, QuantSpec.parse(spec).mode, list(exclude))
+    elif backend == "torchao":
+        _torchao(model, QuantSpec.parse(spec).mode, list(exclude), device_type)
     return model
 
 
 def quantized_layers(model: "nn.Module") -> list["nn.Module"]:
-    """The layers of `model` that hold quantised weights (bitsandbytes Linear4bit/Linear8bitLt, quanto QLinear)."""
+    """The layers of `model` that hold quantised weights (bitsandbytes Linear4bit/Linear8bitLt, quanto QLinear,
+    a Linear whose weight is a torchao tensor)."""
     found = []
     for module in model.modules():
         name = type(module).__name__
         if name in ("Linear4bit", "Linear8bitLt") and type(module).__module__.startswith("bitsandbytes"):
             found.append(module)
         elif type(module).__module__.startswith("optimum.quanto") and name == "QLinear":
+            found.append(module)
+        elif type(getattr(module, "weight", None)).__module__.startswith("torchao"):
             found.append(module)
     return found
 
@@ -209,3 +241,36 @@ def _outside_inference_mode(forward):
             return forward(self, input)
 
     return run
+
+
+# -- torchao --------------------------------------------------------------------------------------------------
+def _torchao(model: "nn.Module", mode: str, exclude: list[str], device_type: str) -> None:
+    import torch
+
+    if device_type != "cuda":
+        raise QuantizationError(
+            "torchao's int4/int8 kernels run on CUDA only here (on CPU torchao 0.18 has no int4 and its int8 is"
+            " ~10x slower than bfloat16): use --quant-backend quanto"
+        )
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    if mode == "4bit":
+        if torch.cuda.get_device_capability() < _TINYGEMM_MIN_CAPABILITY:
+            raise QuantizationError(
+                "torchao int4 (tinygemm) needs a GPU of compute capability 8.0 or later: use --quant-backend"
+                " bitsandbytes"
+            )
+        # tile_packed_to_4d is tinygemm's layout; torchao's default formats need the mslk package
+        config = Int4WeightOnlyConfig(group_size=TINYGEMM_GROUP, int4_packing_format="tile_packed_to_4d")
+    else:
+        config = Int8WeightOnlyConfig()
+
+    def wanted(module: "nn.Module", name: str) -> bool:
+        if not isinstance(module, torch.nn.Linear) or any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            return False
+        if mode == "4bit":  # a shape tinygemm cannot take stays in bfloat16 (tiny test models; no published LLaMA)
+            return module.in_features % TINYGEMM_GROUP == 0 and module.out_features % _TINYGEMM_OUT_MULTIPLE == 0
+        return True
+
+    quantize_(model, config, filter_fn=wanted)
+    model.requires_grad_(False)

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 Mode = Literal["none", "8bit", "4bit"]
-Backend = Literal["auto", "bitsandbytes", "quanto"]
+Backend = Literal["auto", "bitsandbytes", "quanto", "torchao"]
 MODES: tuple[str, ...] = ("none", "8bit", "4bit")
-BACKENDS: tuple[str, ...] = ("auto", "bitsandbytes", "quanto")
+BACKENDS: tuple[str, ...] = ("auto", "bitsandbytes", "quanto", "torchao")
+APPLIED_AFTER_LOADING: tuple[str, ...] = ("quanto", "torchao")  # quantise a loaded layer; bitsandbytes loads quantised
 
 
 class QuantizationError(ValueError):
@@ -19,8 +20,11 @@ class QuantizationError(ValueError):
 class QuantSpec:
     """LLM weight quantisation applied at load time. The audio encoders are never quantised.
 
-    `backend="auto"` picks bitsandbytes on CUDA (NF4 with double quant / LLM.int8, the QLoRA standard) and
-    optimum-quanto on CPU and Apple MPS, where its int4/int8 kernels are several times faster than bitsandbytes.
+    `backend="auto"` (`backend_for`): on CUDA, torchao where it is installed and the GPU has tinygemm's int4 kernel
+    (compute capability 8.0 and up), else bitsandbytes; optimum-quanto on CPU and Apple MPS, where its int4/int8
+    kernels are several times faster than bitsandbytes'. Why torchao first on CUDA: the published batch-1 decode
+    figures (research/gpu_decode.md: int4 tinygemm ~200 tok/s for 7-8B against ~30 for bitsandbytes NF4 through
+    eager transformers); bitsandbytes stays for QLoRA training, older GPUs and LLM.int8's original numerics.
     """
 
     mode: Mode = "none"
@@ -45,8 +49,21 @@ class QuantSpec:
     def enabled(self) -> bool:
         return self.mode != "none"
 
-    def backend_for(self, device_type: str) -> str:
-        """The library that quantises on `device_type` ("cuda", "cpu", "mps")."""
+    def backend_for(self, device_type: str, *, torchao_ready: bool | None = None) -> str:
+        """The library that quantises on `device_type` ("cuda", "cpu", "mps").
+
+        `torchao_ready`: torchao is installed and the GPU takes its int4 kernel (default: asked of this machine).
+        """
         if self.backend != "auto":
             return self.backend
-        return "bitsandbytes" if device_type == "cuda" else "quanto"
+        if device_type != "cuda":
+            return "quanto"
+        if torchao_ready is None:
+            from .backends import torchao_ready as ready
+
+            torchao_ready = ready()
+        return "torchao" if torchao_ready else "bitsandbytes"
+
+    def applied_after_loading(self, device_type: str) -> bool:
+        """Quantised layer by layer once loaded (quanto, torchao), not by `from_pretrained` (bitsandbytes)."""
+        return self.enabled and self.backend_for(device_type) in APPLIED_AFTER_LOADING

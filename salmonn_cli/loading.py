@@ -57,8 +57,8 @@ def load_model(
     `second_stride`, `qformer_heads` (the Q-Former's attention heads, default width/64), `lora_scale` (the LoRA
     scaling the checkpoint was trained at, which every call uses unless it names its own) and `prompt_template`.
     dtype: default float32 on CPU, float16 on CUDA. quantization: None/"none", "8bit", "4bit" or a
-    `quantize.QuantSpec`: applied to the LLM only (bitsandbytes on CUDA, optimum-quanto on CPU/MPS; quanto int4
-    runs the LLM in bfloat16 on CPU, where its fast kernel needs it).
+    `quantize.QuantSpec`: applied to the LLM only (on CUDA torchao where installed, else bitsandbytes;
+    optimum-quanto on CPU/MPS; quanto on CPU and torchao int4 run the LLM in bfloat16, which their kernels need).
     """
     import torch
 
@@ -125,13 +125,14 @@ def _load_connector(ckpt: "SalmonnCheckpoint", windows, heads: int | None, devic
 def _load_llm(
     folder: Path, ckpt: "SalmonnCheckpoint", trained_scale: float, quant: LlmQuantization, device: "torch.device"
 ) -> "nn.Module":
-    """LLaMA + the checkpoint's LoRA, quantised as `quant` says: layer by layer for quanto, else as it loads."""
+    """LLaMA + the checkpoint's LoRA, quantised as `quant` says: layer by layer for quanto and torchao (the host or
+    GPU holds one full-precision layer at a time), else as it loads."""
     from .llm import LoraSpec, attach_lora, load_language_model, quantize_base_layers, read_llm_config
     from .llm_stream import load_language_model_by_layer
 
     _check_llm_width(read_llm_config(folder).hidden_size, ckpt.connector_shape.llm_hidden, ckpt.path)
     lora_spec = LoraSpec(ckpt.lora_shape, trained_scale=trained_scale)
-    if quant.spec.enabled and quant.spec.backend_for(device.type) == "quanto":  # quantised as each layer is read
+    if quant.spec.applied_after_loading(device.type):  # quantised as each layer is read
         return load_language_model_by_layer(
             folder,
             dtype=quant.dtype,

@@ -40,7 +40,8 @@ QuantOpt = Annotated[
 QuantBackendOpt = Annotated[
     str,
     typer.Option(
-        help="auto (bitsandbytes on CUDA, optimum-quanto on CPU/MPS), bitsandbytes or quanto.",
+        help="auto (CUDA: torchao int4/int8 where installed on compute capability 8.0+, else bitsandbytes;"
+        " CPU/MPS: optimum-quanto), bitsandbytes, quanto or torchao.",
         rich_help_panel=MODEL_PANEL,
     ),
 ]

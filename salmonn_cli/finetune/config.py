@@ -13,6 +13,8 @@ from quantize.spec import MODES as QUANT_MODES
 from ..errors import UsageError
 from ..prompt import MAX_TARGET_TOKENS
 
+TRAIN_BACKENDS = ("auto", "bitsandbytes", "quanto")  # what QLoRA trains over; torchao is for inference
+
 # Fields that change the numbers a run computes. A resumed run must agree with the saved one on all of them;
 # the others (how often to save / evaluate) may change between the two halves of a run.
 _SCHEDULE_FREE = frozenset({"save_every", "eval_every"})
@@ -61,6 +63,11 @@ class FinetuneConfig:
             problems.append("max_grad_norm must be > 0, weight_decay >= 0 and lora_dropout in [0, 1)")
         if self.quant not in QUANT_MODES:
             problems.append(f"--quant must be one of {', '.join(QUANT_MODES)} for training, got {self.quant!r}")
+        if self.quant_backend not in TRAIN_BACKENDS:
+            problems.append(
+                f"--quant-backend must be one of {', '.join(TRAIN_BACKENDS)} for training (torchao's kernels are"
+                f" for inference), got {self.quant_backend!r}"
+            )
         if problems:
             raise UsageError("; ".join(problems))
 
