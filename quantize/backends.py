@@ -36,6 +36,10 @@ _MODULE = {"bitsandbytes": "bitsandbytes", "quanto": "optimum.quanto", "torchao"
 # published figures use; the kernel needs in_features a multiple of the group and out_features of 8, bfloat16
 # weights, and a GPU of compute capability 8.0 or later. torchao 0.18 runs its int4 nowhere else (no CPU path).
 TINYGEMM_GROUP = 128
+_TORCHAO_CUDA_ONLY = (
+    "torchao's int4/int8 kernels run on CUDA only here (on CPU torchao 0.18 has no int4 and its int8 is ~10x"
+    " slower than bfloat16): use --quant-backend quanto"
+)
 _TINYGEMM_OUT_MULTIPLE = 8
 _TINYGEMM_MIN_CAPABILITY = (8, 0)
 
@@ -76,6 +80,8 @@ def resolve_backend(spec: QuantSpec | str | None, device_type: str) -> str | Non
     if not spec.enabled:
         return None
     backend = spec.backend_for(device_type)
+    if backend == "torchao" and device_type != "cuda":
+        raise QuantizationError(_TORCHAO_CUDA_ONLY)  # before the install check: installing would not help
     _require(backend)
     return backend
 
@@ -248,10 +254,7 @@ def _torchao(model: "nn.Module", mode: str, exclude: list[str], device_type: str
     import torch
 
     if device_type != "cuda":
-        raise QuantizationError(
-            "torchao's int4/int8 kernels run on CUDA only here (on CPU torchao 0.18 has no int4 and its int8 is"
-            " ~10x slower than bfloat16): use --quant-backend quanto"
-        )
+        raise QuantizationError(_TORCHAO_CUDA_ONLY)
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
     if mode == "4bit":

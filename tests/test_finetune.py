@@ -358,3 +358,11 @@ def test_make_data_refuses_repeating_a_deterministic_answer():
     with pytest.raises(UsageError, match="--temperature"):
         plan_inputs([Path("a.wav")], 2, sampling=False)
     assert plan_inputs([Path("a.wav"), Path("b.wav")], 3, sampling=True) == ([Path("a.wav"), Path("b.wav")] * 2)[:3]
+
+
+def test_training_refuses_the_inference_only_torchao_backend():
+    from salmonn_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="torchao's kernels are for inference"):
+        FinetuneConfig(quant_backend="torchao")
+    assert FinetuneConfig(quant_backend="quanto").quant_backend == "quanto"

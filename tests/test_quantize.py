@@ -13,7 +13,7 @@ from torch import nn
 import quantize
 from quantize import QuantizationError, QuantSpec, llm_dtype, llm_quantization_config
 from quantize.memory import GIB, choose_cpu_mode, choose_mode, estimate_memory
-from salmonn_cli.errors import DependencyError
+from salmonn_cli.errors import DependencyError, UsageError
 from salmonn_cli.llm import lora_scales
 from tests.test_model import load, make_tiny
 
@@ -125,7 +125,10 @@ def test_spec_parsing_and_validation():
     assert QuantSpec.parse("nf4").mode == "4bit" and QuantSpec.parse("int8").mode == "8bit"
     assert QuantSpec.parse("4BIT", backend="quanto") == QuantSpec("4bit", "quanto")
     assert not QuantSpec.parse("none").enabled and QuantSpec("8bit").enabled
-    assert QuantSpec("4bit").backend_for("cuda") == "bitsandbytes"
+    # auto on CUDA: torchao where it is installed and the GPU takes tinygemm, else bitsandbytes
+    assert QuantSpec("4bit").backend_for("cuda", torchao_ready=True) == "torchao"
+    assert QuantSpec("4bit").backend_for("cuda", torchao_ready=False) == "bitsandbytes"
+    assert QuantSpec("4bit", "bitsandbytes").backend_for("cuda", torchao_ready=True) == "bitsandbytes"
     assert QuantSpec("4bit").backend_for("cpu") == QuantSpec("4bit").backend_for("mps") == "quanto"
     assert QuantSpec("4bit", "bitsandbytes").backend_for("cpu") == "bitsandbytes"
     with pytest.raises(QuantizationError, match="3bit"):
@@ -148,12 +151,14 @@ def test_bitsandbytes_config_is_the_qlora_standard():
     assert llm_quantization_config("4bit", "cpu") is None and llm_quantization_config("none", "cuda") is None
 
 
-def test_llm_dtype_is_bfloat16_only_for_quanto_on_cpu():
+def test_llm_dtype_is_bfloat16_only_for_quanto_on_cpu_and_torchao_int4():
     assert llm_dtype("4bit", "cpu", torch.float32) == torch.bfloat16
     assert llm_dtype("8bit", "cpu", torch.float32) == torch.bfloat16
     assert llm_dtype(QuantSpec("8bit", "bitsandbytes"), "cpu", torch.float32) == torch.float32
     assert llm_dtype(QuantSpec("4bit", "bitsandbytes"), "cpu", torch.float32) == torch.float32
-    assert llm_dtype("4bit", "cuda", torch.float16) == torch.float16
+    assert llm_dtype(QuantSpec("4bit", "bitsandbytes"), "cuda", torch.float16) == torch.float16
+    assert llm_dtype(QuantSpec("4bit", "torchao"), "cuda", torch.float16) == torch.bfloat16  # tinygemm's dtype
+    assert llm_dtype(QuantSpec("8bit", "torchao"), "cuda", torch.float16) == torch.float16
     assert llm_dtype("none", "cpu", torch.float32) == torch.float32
 
 
@@ -168,6 +173,12 @@ def test_missing_backend_is_a_dependency_error_with_the_pip_command(tiny, monkey
     )
     with pytest.raises(DependencyError, match=f"pip install {package}"):
         load(tiny, quantization=spec)
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_torchao_on_cpu_is_refused_before_loading_and_names_the_cpu_backend(tiny, mode):
+    with pytest.raises(UsageError, match="CUDA only.*--quant-backend quanto"):
+        load(tiny, quantization=QuantSpec(mode, "torchao"))
 
 
 # -- memory ------------------------------------------------------------------------------------------------------
