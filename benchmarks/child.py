@@ -119,7 +119,7 @@ def _import_libraries(request: dict) -> None:
         backend = resolve_backend(
             QuantSpec.parse(request["quant"], request["backend"]), request["device"].split(":")[0]
         )
-        __import__("bitsandbytes" if backend == "bitsandbytes" else "optimum.quanto")
+        __import__({"bitsandbytes": "bitsandbytes", "quanto": "optimum.quanto", "torchao": "torchao"}[backend])
 
 
 def _device_name(device) -> str:
@@ -135,10 +135,35 @@ def _device_name(device) -> str:
         return "cpu"
 
 
+def run_peer(request: dict) -> dict:
+    """The peer model (benchmarks/peer.py) on the request's device and quantisation."""
+    import torch
+
+    from salmonn_cli.loading import resolve_device
+
+    from . import peer
+
+    device = resolve_device(request["device"])
+    if request["quant"] == "4bit" and device.type == "cuda":
+        from quantize import quiet_bitsandbytes
+
+        quiet_bitsandbytes()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    GpuPeak.reset(device)
+    report = peer.run(request, device, sync)
+    peak = GpuPeak.read(device)
+    report["gpu_peak"] = asdict(peak) if peak else None
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     request_path, out_path = (argv if argv is not None else sys.argv[1:])[:2]
     request = json.loads(Path(request_path).read_text())
-    report = run(request)
+    report = run_peer(request) if request.get("peer") else run(request)
     Path(out_path).write_text(json.dumps(jsonable(report), indent=2) + "\n")
     return 0
 

@@ -21,9 +21,12 @@ _SUMMARY: tuple[tuple[str, Any], ...] = (
     ("connector s", lambda r: _median(r, "stages", "connector_s", digits=3)),
     ("TTFT s", lambda r: _median(r, "first_token", "first_token_s")),
     ("greedy tok/s", lambda r: _num((r.get("decode") or {}).get("tokens_per_s"), 2)),
-    ("beam-4 tok/s", lambda r: _num((r.get("decode_beams") or {}).get("tokens_per_s"), 2)),
+    ("greedy eager tok/s", lambda r: _num((r.get("decode") or {}).get("eager_tokens_per_s"), 2)),
+    ("beam-4 steps/s", lambda r: _num((r.get("decode_beams") or {}).get("tokens_per_s"), 2)),
+    ("beam-4 eager steps/s", lambda r: _num((r.get("decode_beams") or {}).get("eager_tokens_per_s"), 2)),
     ("ask s", lambda r: _median(r, "ask", "total_s")),
     ("long audio x", lambda r: _long_audio(r)),
+    ("s per audio hour", lambda r: _per_hour(r)),
 )
 
 
@@ -70,6 +73,14 @@ def _long_audio(run: dict) -> str:
     return " / ".join(f"{size}: {item['audio_s_per_s']:.1f}" for size, item in long["by_batch_size"].items())
 
 
+def _per_hour(run: dict) -> str:
+    """Wall seconds one hour of audio takes at the largest batch size measured (3600 / audio seconds per second)."""
+    long = run.get("long_audio")
+    if not long:
+        return ""
+    return f"{3600 / list(long['by_batch_size'].values())[-1]['audio_s_per_s']:.0f}"
+
+
 def summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """(headers, one row per run); a run that failed or was skipped says why in its second cell."""
     headers = [name for name, _ in _SUMMARY]
@@ -84,17 +95,52 @@ def summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown(report: dict) -> str:
-    """The summary as a markdown table, with the machine it was measured on."""
+    """The summary as a markdown table, with the machine it was measured on (and the peer's table, if run)."""
     headers, rows = summary_rows(report)
     machine = report["machine"]
     lines = [
         f"Model `{report['target']}` on {machine['description']}; {report['options_text']}.",
         "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "|".join("---" for _ in headers) + "|",
+        *_table(headers, rows),
     ]
-    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+    if report.get("peers"):
+        lines += ["", *_table(*peer_rows(report))]
     return "\n".join(lines)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return lines + ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+
+
+def peer_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The peer beside SALMONN: per peer run, SALMONN's run on the same device and quantisation, and the ratios."""
+    headers = ["peer", "prompt tokens", "peer TTFT s", "peer greedy tok/s", "SALMONN run", "SALMONN TTFT s",
+               "SALMONN greedy tok/s", "greedy tok/s ratio", "TTFT ratio"]  # fmt: skip
+    rows = []
+    for peer in report["peers"]:
+        label = peer["config"]["label"]
+        if "error" in peer:
+            rows.append([label, peer["error"]] + [""] * (len(headers) - 2))
+            continue
+        ours = next((r for r in report["runs"] if _same_setting(r, peer) and "error" not in r and "skipped" not in r),
+                    None)  # fmt: skip
+        our_speed = ((ours or {}).get("decode") or {}).get("tokens_per_s")
+        first = (ours or {}).get("first_token", {}).get("first_token_s")
+        our_first = None if first is None else (first.median if isinstance(first, Stat) else first["median"])
+        speed_ratio = our_speed / peer["tokens_per_s"] if our_speed and peer.get("tokens_per_s") else None
+        first_ratio = peer["first_token_s"] / our_first if our_first else None
+        rows.append([
+            f"{peer['peer']} {label}", str(peer["prompt_tokens"]), _num(peer["first_token_s"], 3),
+            _num(peer.get("tokens_per_s"), 2), ours["config"]["label"] if ours else "", _num(our_first, 3),
+            _num(our_speed, 2), "" if speed_ratio is None else f"{speed_ratio:.2f}x",
+            "" if first_ratio is None else f"{first_ratio:.2f}x",
+        ])  # fmt: skip
+    return headers, rows
+
+
+def _same_setting(run: dict, peer: dict) -> bool:
+    return run["config"]["device"] == peer["config"]["device"] and run["config"]["quant"] == peer["config"]["quant"]
 
 
 def print_tables(report: dict) -> None:
@@ -117,6 +163,14 @@ def print_tables(report: dict) -> None:
     if report.get("cli_help_s"):
         help_s = report["cli_help_s"]
         console.print(f"salmonn --help: {help_s.median:.3f} s (min {help_s.min:.3f}, max {help_s.max:.3f})")
+    if report.get("peers"):
+        headers, rows = peer_rows(report)
+        peers = Table(title="Peer, same device and quantisation (ratios: SALMONN's speed / the peer's)")
+        for header in headers:
+            peers.add_column(header, overflow="fold")
+        for row in rows:
+            peers.add_row(*row)
+        console.print(peers)
     headers, rows = summary_rows(report)
     table = Table(title=f"Summary: {report['target']} on {report['machine']['description']}")
     table.add_column("")  # one column per configuration: narrow terminals still show every figure

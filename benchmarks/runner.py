@@ -128,6 +128,30 @@ def run_config(args: argparse.Namespace, config: BenchConfig, workdir: Path) -> 
     return json.loads(out_path.read_text())
 
 
+def run_peer(args: argparse.Namespace, device: str, quant: str, workdir: Path) -> dict:
+    """The peer model (benchmarks/peer.py) in a child process, at the shape matching `--shape`."""
+    config = {"quant": quant, "backend": "bitsandbytes" if quant == "4bit" and device.startswith("cuda") else "none",
+              "device": device}  # fmt: skip
+    config["label"] = f"{args.peer}/{config['quant']}/{config['backend']}/{device}"
+    request = {
+        "peer": args.peer,
+        "peer_shape": "tiny" if args.shape == "tiny" and not args.model else "7b",
+        "config": config,
+        "quant": quant,
+        "device": device,
+        "options": asdict(options_of(args)),
+    }
+    stem = config["label"].replace("/", "-").replace(":", "")
+    request_path, out_path = workdir / f"{stem}.request.json", workdir / f"{stem}.json"
+    request_path.write_text(json.dumps(request))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+    code, lines = _run_echoing([sys.executable, "-m", "benchmarks.child", str(request_path), str(out_path)], env,
+                               args.timeout)  # fmt: skip
+    if code != 0:
+        return {"config": config, "error": f"exit {code}: {(lines or ['no output'])[-1]}"}
+    return json.loads(out_path.read_text())
+
+
 def _run_echoing(command: list[str], env: dict, timeout: float) -> tuple[int, list[str]]:
     """Run `command`, passing its stderr (progress lines) on as it comes; (exit code, its last stderr lines)."""
     tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -232,6 +256,12 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     ap.add_argument("--long-seconds", type=float, default=180.0, help="length of the synthetic long file")
     ap.add_argument("--batch-size", type=int, default=4, help="segments per batch for the batched long-audio run")
     ap.add_argument("--skip", type=_csv(SKIPPABLE), default=[], help=f"leave out some of {', '.join(SKIPPABLE)}")
+    ap.add_argument(
+        "--peer",
+        choices=("none", "qwen2-audio"),
+        default="none",
+        help="also measure Qwen2-Audio-7B (random weights, transformers' generate) per device and quantisation",
+    )
     ap.add_argument("--max-host-gb", type=float, help="skip CPU runs estimated above this (default: MemAvailable)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds one configuration may take")
     args = ap.parse_args(argv)
@@ -256,18 +286,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "skip": sorted(args.skip),
         "cli_help_s": None if "help" in args.skip else time_cli_help(args),
         "runs": [],
+        "peers": [],
     }
     configs = configurations(args.quant, args.backend, args.device)
     with tempfile.TemporaryDirectory(prefix="salmonn-bench-") as workdir:
         for config in configs:
             report["runs"].append(run_config(args, config, Path(workdir)))
+        if args.peer != "none":
+            for device, quant in dict.fromkeys((c.device, c.quant) for c in configs):
+                report["peers"].append(run_peer(args, device, quant, Path(workdir)))
     report["runs"] = [_with_stats(run) for run in report["runs"]]
     print_tables(report)
     if args.markdown:
         print(markdown(report))
     if args.json:
         args.json.write_text(json.dumps(jsonable(report), indent=2) + "\n")
-    return 1 if any("error" in run for run in report["runs"]) else 0
+    return 1 if any("error" in run for run in report["runs"] + report["peers"]) else 0
 
 
 def _with_stats(value):

@@ -29,11 +29,12 @@ def test_bench_tiny_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--shape", "tiny", "--device", "cpu"]
     command += ["--json", str(out), "--repeat", "1", "--warmup", "0", "--long-seconds", "60", "--batch-size", "2"]
-    command += ["--new-tokens", "4", "--markdown"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    command += ["--new-tokens", "4", "--markdown", "--peer", "qwen2-audio"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "long_audio.batch_speedup" in done.stdout  # the detailed table
     assert "| none/none/cpu |" in done.stdout  # the markdown summary
+    assert "| qwen2-audio-7b (tiny shape) qwen2-audio/none/none/cpu | 776 |" in done.stdout  # the peer's table
 
     report = json.loads(out.read_text())
     assert report["target"] == "tiny" and report["options"]["repeat"] == 1
@@ -63,6 +64,11 @@ def test_bench_tiny_writes_every_field(tmp_path):
         _positive_stat(item["wall_s"], 1)
         assert item["audio_s_per_s"] == 60 / item["wall_s"]["median"]
     assert long["batch_speedup"] > 0
+
+    # the peer, through transformers' Qwen2AudioForConditionalGeneration.generate(): 750 audio tokens for 30 s
+    (peer,) = report["peers"]
+    assert peer["prompt_tokens"] == 1 + 750 + 1 + 24 and peer["tokens"] == 4
+    assert peer["first_token_s"] > 0 and peer["tokens_per_s"] > 0 and peer["llm_dtype"] == "bfloat16"
 
 
 def test_bench_skips_a_run_that_does_not_fit_and_says_why(tmp_path):
