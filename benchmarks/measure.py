@@ -20,7 +20,7 @@ from salmonn_cli.engine import engine_for
 from salmonn_cli.prompt import transcribe_instruction
 from salmonn_cli.segment import plan_segments, segment_audio
 
-from .results import MEASUREMENT_NAMES, BenchOptions, Stat
+from .results import LIVE_WINDOW_S, MEASUREMENT_NAMES, BenchOptions, Stat
 
 
 @dataclass(frozen=True)
@@ -220,6 +220,37 @@ def measure_long_audio(bench: Bench) -> dict:
     }
 
 
+def measure_live(bench: Bench) -> dict:
+    """`salmonn live --input` at real-time pace: the end of each fixed window -> its text (beams, new tokens as `ask`).
+
+    Fixed windows, not silero-vad's utterances: the synthetic audio is not speech. A window's latency is what a
+    user waits after its last sample was captured; the model's warm before the clock starts.
+    """
+    from salmonn_cli.live.loop import LiveConfig, LiveHooks, run_live
+    from salmonn_cli.live.segmenter import WindowSegmenter
+    from salmonn_cli.live.source import FileSource
+
+    model, opts = bench.model, bench.options
+    decode = {"max_new_tokens": opts.new_tokens, "num_beams": opts.num_beams, "min_length": opts.new_tokens + 1}
+
+    def answer(audio: np.ndarray) -> str:
+        return model.generate(audio, bench.prompt, **decode).text
+
+    answer(synthetic_audio(LIVE_WINDOW_S, seed=6))  # warm (on CUDA: records the step graphs)
+    results = []
+    source = FileSource(synthetic_audio(opts.live_seconds, seed=7))
+    summary = run_live(source, WindowSegmenter(LIVE_WINDOW_S), answer, LiveConfig(max_queue=64, force=True),
+                       LiveHooks(on_result=results.append))  # fmt: skip
+    return {
+        "audio_s": opts.live_seconds,
+        "window_s": LIVE_WINDOW_S,
+        "segments": len(results),
+        "dropped": summary.dropped,
+        "latency_s": Stat.of([r.latency_s for r in results]) if results else None,
+        "rtf": summary.rtf,
+    }
+
+
 MEASUREMENTS: dict[str, Callable[[Bench], dict]] = {
     "stages": measure_stages,
     "first_token": measure_first_token,
@@ -227,5 +258,6 @@ MEASUREMENTS: dict[str, Callable[[Bench], dict]] = {
     "decode_beams": measure_decode_beams,
     "ask": measure_ask,
     "long_audio": measure_long_audio,
+    "live": measure_live,
 }
 assert tuple(MEASUREMENTS) == MEASUREMENT_NAMES  # the light list the CLI options read

@@ -27,6 +27,7 @@ _SUMMARY: tuple[tuple[str, Any], ...] = (
     ("ask s", lambda r: _median(r, "ask", "total_s")),
     ("long audio x", lambda r: _long_audio(r)),
     ("s per audio hour", lambda r: _per_hour(r)),
+    ("live latency s", lambda r: _median(r, "live", "latency_s")),
 )
 
 

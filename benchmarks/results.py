@@ -6,7 +6,8 @@ import statistics
 from dataclasses import dataclass
 
 # the measurements of benchmarks/measure.py, in the order they run
-MEASUREMENT_NAMES = ("stages", "first_token", "decode", "decode_beams", "ask", "long_audio")
+LIVE_WINDOW_S = 5.0  # `live`'s fixed windows in the bench: each one's end -> its text is one latency
+MEASUREMENT_NAMES = ("stages", "first_token", "decode", "decode_beams", "ask", "long_audio", "live")
 
 
 @dataclass(frozen=True)
@@ -32,4 +33,5 @@ class BenchOptions:
     new_tokens: int = 32  # tokens per answer (decode speed, ask, long audio)
     num_beams: int = 4  # beams of `ask` and the long-audio answers: the original's decoding
     long_seconds: float = 180.0
+    live_seconds: float = 20.0  # audio fed to the live pipeline at real-time pace (so this many wall seconds)
     batch_size: int = 4

@@ -33,7 +33,7 @@ from salmonn_cli.model_file import ROLES
 
 from .memory import GB
 from .report import jsonable, markdown, print_tables
-from .results import MEASUREMENT_NAMES, BenchOptions, Stat
+from .results import LIVE_WINDOW_S, MEASUREMENT_NAMES, BenchOptions, Stat
 from .shapes import SHAPES
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout: benchmarks, salmonn_cli and quantize
@@ -255,6 +255,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     ap.add_argument("--num-beams", type=int, default=4, help="beams of ask, beam decoding and long audio")
     ap.add_argument("--long-seconds", type=float, default=180.0, help="length of the synthetic long file")
     ap.add_argument("--batch-size", type=int, default=4, help="segments per batch for the batched long-audio run")
+    ap.add_argument("--live-seconds", type=float, default=20.0, help="audio fed to `live` at real-time pace")
     ap.add_argument("--skip", type=_csv(SKIPPABLE), default=[], help=f"leave out some of {', '.join(SKIPPABLE)}")
     ap.add_argument(
         "--peer",
@@ -267,6 +268,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     args = ap.parse_args(argv)
     if args.repeat < 1 or args.warmup < 0 or args.batch_size < 1 or args.long_seconds < 1 or args.new_tokens < 2:
         ap.error("need --repeat >= 1, --warmup >= 0, --batch-size >= 1, --long-seconds >= 1, --new-tokens >= 2")
+    if args.live_seconds < LIVE_WINDOW_S:
+        ap.error(f"need --live-seconds >= {LIVE_WINDOW_S}")
     if any(getattr(args, role) for role in ROLES) and not args.model and not all(getattr(args, r) for r in ROLES):
         ap.error("without --model, give all four of --whisper, --beats, --llm and --checkpoint")
     return args

@@ -29,7 +29,7 @@ def test_bench_tiny_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--shape", "tiny", "--device", "cpu"]
     command += ["--json", str(out), "--repeat", "1", "--warmup", "0", "--long-seconds", "60", "--batch-size", "2"]
-    command += ["--new-tokens", "4", "--markdown", "--peer", "qwen2-audio"]
+    command += ["--new-tokens", "4", "--markdown", "--peer", "qwen2-audio", "--live-seconds", "10"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "long_audio.batch_speedup" in done.stdout  # the detailed table
@@ -64,6 +64,10 @@ def test_bench_tiny_writes_every_field(tmp_path):
         _positive_stat(item["wall_s"], 1)
         assert item["audio_s_per_s"] == 60 / item["wall_s"]["median"]
     assert long["batch_speedup"] > 0
+
+    live = run["live"]  # 10 s at real-time pace in 5 s windows: two answers, each after its window ended
+    assert live["audio_s"] == 10 and live["segments"] == 2 and live["dropped"] == 0
+    assert len(live["latency_s"]["runs"]) == 2 and live["latency_s"]["min"] > 0
 
     # the peer, through transformers' Qwen2AudioForConditionalGeneration.generate(): 750 audio tokens for 30 s
     (peer,) = report["peers"]
