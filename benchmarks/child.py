@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .measure import MEASUREMENTS, Bench
 from .memory import GpuPeak, module_bytes, peak_rss_bytes, rss_bytes
@@ -44,8 +44,12 @@ def make_model(request: dict, device) -> tuple[Any, str]:
     return model, name
 
 
-def run(request: dict) -> dict:
-    """Load (timed, with its memory peaks), then every measurement not skipped, each with its GPU peak."""
+def run(request: dict, save: Callable[[dict], None] = lambda report: None) -> dict:
+    """Load (timed, with its memory peaks), then every measurement not skipped, each with its GPU peak.
+
+    `save` gets the report so far after the load and after each measurement: a run stopped at its time limit
+    still leaves what it measured.
+    """
     from salmonn_cli.loading import resolve_device
 
     device = resolve_device(request["device"])
@@ -69,13 +73,17 @@ def run(request: dict) -> dict:
         "load_s": load_s,
     }
     bench, gpu = Bench(model, options), {}
+    save(report)
     for key, measure in MEASUREMENTS.items():
         if key not in request["skip"]:
             GpuPeak.reset(device)
             started = time.perf_counter()
             report[key] = measure(bench)
             gpu[key] = GpuPeak.read(device)
+            report["gpu_peak_by_measurement"] = {k: asdict(peak) for k, peak in gpu.items() if peak is not None}
+            save(report)
             _progress(request, f"{key} in {time.perf_counter() - started:.1f} s")
+    del report["gpu_peak_by_measurement"]  # the finished report keeps it under "memory"
     peaks = [peak for peak in gpu.values() if peak is not None]
     report["memory"] = {
         "rss_before_load_bytes": before,
@@ -163,8 +171,10 @@ def run_peer(request: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     request_path, out_path = (argv if argv is not None else sys.argv[1:])[:2]
     request = json.loads(Path(request_path).read_text())
-    report = run_peer(request) if request.get("peer") else run(request)
-    Path(out_path).write_text(json.dumps(jsonable(report), indent=2) + "\n")
+    def save(report: dict) -> None:
+        Path(out_path).write_text(json.dumps(jsonable(report), indent=2) + "\n")
+
+    save(run_peer(request) if request.get("peer") else run(request, save))
     return 0
 
 

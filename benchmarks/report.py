@@ -64,6 +64,9 @@ def _median(run: dict, group: str, key: str, digits: int = 2) -> str:
 
 def _gpu(run: dict) -> str:
     peak = _mem(run, "gpu_peak")
+    partial = list((run.get("gpu_peak_by_measurement") or {}).values())  # a run stopped at its time limit
+    if not peak and partial:
+        peak = {key: max(p[key] for p in partial) for key in ("allocated", "reserved")}
     return "" if not peak else f"{peak['allocated'] / GB:.2f} / {peak['reserved'] / GB:.2f}"
 
 
@@ -91,7 +94,10 @@ def summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
             why = run.get("error") or f"skipped: {run['skipped']}"
             rows.append([run["config"]["label"], why] + [""] * (len(headers) - 2))
         else:
-            rows.append([read(run) for _, read in _SUMMARY])
+            row = [read(run) for _, read in _SUMMARY]
+            if "incomplete" in run:  # stopped at its time limit: what it measured, and why the rest is missing
+                row[0] += f" (incomplete: {run['incomplete']})"
+            rows.append(row)
     return headers, rows
 
 

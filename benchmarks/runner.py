@@ -124,6 +124,8 @@ def run_config(args: argparse.Namespace, config: BenchConfig, workdir: Path) -> 
             why = f"crashed (signal {-code}) after: {(lines or ['no output'])[-1]}"
         else:
             why = (lines or ["no output"])[-1]
+        if out_path.exists():  # what it measured before it stopped
+            return {**json.loads(out_path.read_text()), "incomplete": f"exit {code}: {why}"}
         return {"config": _config(config), "error": f"exit {code}: {why}"}
     return json.loads(out_path.read_text())
 
@@ -304,7 +306,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(markdown(report))
     if args.json:
         args.json.write_text(json.dumps(jsonable(report), indent=2) + "\n")
-    return 1 if any("error" in run for run in report["runs"] + report["peers"]) else 0
+    failed = [run for run in report["runs"] + report["peers"] if "error" in run or "incomplete" in run]
+    return 1 if failed else 0
 
 
 def _with_stats(value):

@@ -75,6 +75,20 @@ def test_bench_tiny_writes_every_field(tmp_path):
     assert peer["first_token_s"] > 0 and peer["tokens_per_s"] > 0 and peer["llm_dtype"] == "bfloat16"
 
 
+def test_a_run_stopped_at_its_time_limit_keeps_what_it_measured(tmp_path):
+    """`--timeout` ends a configuration mid-way (here in 60 s of real-time `live`): its finished measurements stay."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--shape", "tiny", "--json", str(out)]
+    command += ["--repeat", "1", "--warmup", "0", "--new-tokens", "2", "--skip", "help,stages,ask,long_audio"]
+    command += ["--live-seconds", "60", "--timeout", "20", "--markdown"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-2000:]  # not a clean run, and says so
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["incomplete"].startswith("exit -9") and "live" not in run
+    assert run["decode"]["tokens_per_s"] > 0 and run["decode_beams"]["tokens_per_s"] > 0
+    assert "| none/none/cpu (incomplete: exit -9" in done.stdout
+
+
 def test_bench_skips_a_run_that_does_not_fit_and_says_why(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--shape", "salmonn-13b", "--quant", "8bit"]
