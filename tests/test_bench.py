@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import gpu_report
 from benchmarks.report import markdown
 from benchmarks.runner import BenchConfig, configurations
 from benchmarks.shapes import SHAPES, TINY, BeatsShape, LlamaShape, ModelShape, QFormerShape, WhisperShape
@@ -73,6 +74,14 @@ def test_bench_tiny_writes_every_field(tmp_path):
     (peer,) = report["peers"]
     assert peer["prompt_tokens"] == 1 + 750 + 1 + 24 and peer["tokens"] == 4
     assert peer["first_token_s"] > 0 and peer["tokens_per_s"] > 0 and peer["llm_dtype"] == "bfloat16"
+
+    # gpu_check.sh's last table reads the same JSON: a row per run and the peer's, a row for a part that is missing
+    out.rename(tmp_path / "bench-tiny.json")
+    lines = gpu_report.table(tmp_path, ["tiny", "salmonn-13b"]).splitlines()
+    assert lines[2].startswith("| pytest -m gpu |  | did not finish (no report) |")
+    assert lines[3].startswith("| tiny | none/none/cpu | ok |") and lines[3].count("|") == len(gpu_report.HEADERS) + 1
+    assert lines[4].startswith("| qwen2-audio-7b (tiny shape) | qwen2-audio/none/none/cpu | SALMONN greedy ")
+    assert lines[5] == "| salmonn-13b |  | did not finish within its time limit (no report) |" + "  |" * 6
 
 
 def test_a_run_stopped_at_its_time_limit_keeps_what_it_measured(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from salmonn_cli.engine import LlamaEngine, engine_for
+from salmonn_cli.engine import LlamaEngine, _cache_keyword, engine_for
 from salmonn_cli.llm import lora_scale_tensor, scaled_lora
 from tests.reference import case_paths, load_case
 
@@ -33,12 +33,14 @@ def embeds(lm) -> torch.Tensor:
 def _transformers_logits(lm, embeds: torch.Tensor, fed: list[torch.Tensor]) -> list[torch.Tensor]:
     """Last-position logits of the prompt, then after each fed id: transformers' forward with its dynamic cache."""
     base = lm.get_base_model()
+    keyword = _cache_keyword(type(base))  # `cache` from transformers 5.2x, `past_key_values` before
     out = base(inputs_embeds=embeds, use_cache=True)
-    logits, cache, position = [out.logits[:, -1]], out.cache, embeds.shape[1]
+    logits, cache, position = [out.logits[:, -1]], getattr(out, keyword), embeds.shape[1]
     for tokens in fed:
-        out = base(input_ids=tokens[:, None], cache=cache, position_ids=torch.full((tokens.shape[0], 1), position))
+        positions = torch.full((tokens.shape[0], 1), position)
+        out = base(input_ids=tokens[:, None], position_ids=positions, **{keyword: cache})
         logits.append(out.logits[:, -1])
-        cache, position = out.cache, position + 1
+        cache, position = getattr(out, keyword), position + 1
     return logits
 
 

@@ -69,12 +69,13 @@ def data_dir(tmp_path_factory) -> Path:
     return write_data(tmp_path_factory.mktemp("data"))
 
 
-def write_data(folder: Path) -> Path:
-    """Four espeak clips and `data.jsonl` with short answers (tasks and instructions mixed), in `folder`."""
+def write_data(folder: Path, sound=lambda i: espeak(SENTENCES[i])) -> Path:
+    """Four clips (`sound(i)`: espeak's by default) and `data.jsonl` with short answers (tasks and instructions
+    mixed), in `folder`."""
     (folder / "clips").mkdir(parents=True)
     lines = []
     for i, response in enumerate(RESPONSES):
-        sf.write(folder / "clips" / f"c{i}.wav", espeak(SENTENCES[i]), SAMPLE_RATE)
+        sf.write(folder / "clips" / f"c{i}.wav", sound(i), SAMPLE_RATE)
         ask = {"task": "transcribe"} if i % 2 else {"instruction": "What is said?"}
         lines.append(json.dumps({"audio": f"clips/c{i}.wav", **ask, "response": response}))
     (folder / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
