@@ -5,9 +5,9 @@ modules: the token embedding, each `LlamaDecoderLayer` (attention, MLP, norms, L
 numbers are the model's), the final norm and the output head. Only the orchestration is ours:
 
 - the KV cache is one tensor `(layers, 2, rows, kv_heads, capacity, head_dim)` allocated once per row count and
-  kept across calls; the decoder layers write into it through the `update(key, value, layer)` call that
-  transformers' attention makes on any cache object, and beam reordering gathers it in place, up to the filled
-  length, for every layer at once;
+  kept across calls (for the most recent row counts); the decoder layers write into it through the
+  `update(key, value, layer)` call that transformers' attention makes on any cache object, and beam reordering
+  gathers it in place, up to the filled length, for every layer at once;
 - the prompt (`inputs_embeds`) is run once, eagerly, exactly as transformers' forward runs it;
 - a step feeds one id per row at the next position. Eagerly (CPU, or `capture=False`) attention reads exactly the
   filled part of the cache, which is what transformers' own dynamic cache hands it, so the ids are the same; on
@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 
 CAPACITY_STEP = 64  # cache lengths are rounded up to this, so prompts of similar length share one cache and graph
+KEPT_ROW_COUNTS = 2  # on CUDA: a batch of 16 x 4 beams of 13B holds ~10 GB of cache, so not every one is kept
 GRAPHS_ENV = "SALMONN_CUDA_GRAPHS"  # "0" turns graph capture off (eager CUDA steps), e.g. to compare the two
 
 
@@ -154,9 +155,9 @@ class LlamaEngine:
 
     `capture`: record the step as a CUDA graph (default: on CUDA, unless SALMONN_CUDA_GRAPHS=0). `masked_steps`:
     steps attend over the whole cache through a mask built on the device, as a recorded step must (default: when
-    capturing; on its own it runs the recorded step's arithmetic eagerly, to compare the two). One cache (and
-    graph) is kept per row count on CUDA, one in all on other devices (host memory is the scarcer there);
-    `release()` frees them.
+    capturing; on its own it runs the recorded step's arithmetic eagerly, to compare the two). A cache (and its
+    graph) is kept per row count, for the two most recently used row counts on CUDA and one elsewhere (host
+    memory is the scarcer there); `release()` frees them.
     """
 
     def __init__(self, lm: Any, *, capture: bool | None = None, masked_steps: bool | None = None) -> None:
@@ -170,6 +171,8 @@ class LlamaEngine:
         self.capture = bool(capture) and self.device.type == "cuda"
         self.masked_steps = self.capture if masked_steps is None else bool(masked_steps) or self.capture
         self._keyword = _cache_keyword(type(base.model.layers[0]))
+        # caches (and graphs) kept: two row counts on CUDA (greedy and beams, say), one elsewhere (host memory)
+        self._keep = KEPT_ROW_COUNTS if self.capture else 1
         self._caches: dict[int, StaticKV] = {}
         self._graphs: dict[int, _CapturedStep] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -215,13 +218,16 @@ class LlamaEngine:
 
     # -- internals -------------------------------------------------------------------------------------------
     def _cache_for(self, rows: int, capacity: int, dtype: torch.dtype) -> StaticKV:
-        cache = self._caches.get(rows)
+        cache = self._caches.pop(rows, None)  # re-inserted below: the dict's order is least recently used first
         if cache is None or not cache.fits(rows, capacity, dtype):
-            if not self.capture:
-                self._caches.clear()  # one cache in all off CUDA: free the old before allocating the new
+            cache = self._cache = None  # an unfit cache is freed before its successor is allocated
             self._graphs.pop(rows, None)  # a graph is bound to its cache's memory
-            cache = self._caches[rows] = StaticKV(self.layout, rows, capacity, dtype, self.device)
-        self._cache = cache
+            while len(self._caches) > self._keep - 1:  # and so are the least recently used beyond the kept number
+                oldest = next(iter(self._caches))
+                del self._caches[oldest]
+                self._graphs.pop(oldest, None)
+            cache = StaticKV(self.layout, rows, capacity, dtype, self.device)
+        self._caches[rows] = self._cache = cache
         return cache
 
     def _step_forward(self, tokens: torch.Tensor, cache: StaticKV) -> torch.Tensor:

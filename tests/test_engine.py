@@ -128,6 +128,13 @@ def test_one_cache_per_row_count_is_kept_across_calls(lm, embeds):
     assert engine._cache is first
     engine.start(embeds, 1, 100)  # grows: a new cache replaces the old one
     assert engine._cache is not first and engine._cache.capacity == 128
+    engine.start(embeds, 4, 10)  # another row count: off CUDA one cache in all, so it replaces that one too
+    assert list(engine._caches) == [8]
+    kept = LlamaEngine(lm)
+    kept._keep = 2  # as on CUDA: the two most recently used row counts stay
+    for beams in (1, 4, 1, 2):
+        kept.start(embeds, beams, 10)
+    assert list(kept._caches) == [2, 4]
     assert engine_for(lm) is engine_for(lm) and engine_for(lm) is engine_for(lm.get_base_model())
 
 
