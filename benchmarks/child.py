@@ -171,6 +171,7 @@ def run_peer(request: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     request_path, out_path = (argv if argv is not None else sys.argv[1:])[:2]
     request = json.loads(Path(request_path).read_text())
+
     def save(report: dict) -> None:
         Path(out_path).write_text(json.dumps(jsonable(report), indent=2) + "\n")
 

@@ -54,7 +54,7 @@ class BenchConfig:
 
 
 def configurations(quants: list[str], backends: list[str], devices: list[str]) -> list[BenchConfig]:
-    """Every requested combination, each once; backend `auto` resolves per device (bitsandbytes on CUDA)."""
+    """Every requested combination, each once; backend `auto` resolves per device (QuantSpec.backend_for)."""
     from quantize import QuantSpec
 
     found: dict[BenchConfig, None] = {}
@@ -234,7 +234,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         "--backend",
         type=_csv(BACKENDS),
         default=["auto"],
-        help="auto = bitsandbytes on CUDA, optimum-quanto on CPU; a comma list runs each",
+        help="auto = torchao on CUDA 8.0+ where installed, else bitsandbytes; optimum-quanto on CPU; a comma"
+        " list runs each",
     )
     ap.add_argument(
         "--llm-dtype",
