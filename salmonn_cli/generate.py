@@ -153,7 +153,7 @@ def _greedy_or_sample(
 
 
 def decode_batch(
-    lm: Any,
+    lm: torch.nn.Module | DecodeEngine,
     inputs_embeds: torch.Tensor,
     options: DecodeOptions,
     *,
@@ -189,7 +189,7 @@ def decode_batch(
 
 
 def decode(
-    lm: Any,
+    lm: torch.nn.Module | DecodeEngine,
     inputs_embeds: torch.Tensor,
     options: DecodeOptions,
     *,
@@ -200,7 +200,8 @@ def decode(
 ) -> DecodeOutput:
     """Generate from `inputs_embeds` (1, N, D) exactly as transformers 4.28's `generate` did for SALMONN.
 
-    `lm` is a Hugging Face causal LM (optionally wrapped by peft). Greedy / sampling for `num_beams == 1`,
+    `lm` is a Hugging Face LLaMA-family causal LM (optionally wrapped by peft), driven by its one
+    `engine.LlamaEngine` (`engine_for`), or any `engine.DecodeEngine`. Greedy / sampling for `num_beams == 1`,
     beam search / beam sampling otherwise; `generator` drives every random draw (None: torch's global RNG,
     as in 4.28). The bos placeholder is part of the ids the processors and the beam scorer see, never of the
     model input. Several prompts at once: `decode_batch`.
