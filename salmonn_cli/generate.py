@@ -16,7 +16,7 @@ same number of audio tokens); every row gets the semantics it would get alone. B
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
