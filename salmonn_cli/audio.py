@@ -6,6 +6,10 @@ audio into windows is the caller's business (see `model_window`).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +39,7 @@ def load_audio(path: str | Path) -> np.ndarray:
         try:
             samples, rate = _read_soundfile(path)
         except AudioError:
-            if not _has_pyav():
+            if not has_pyav():
                 raise
             try:  # e.g. opus in ogg with an old libsndfile, or an mp4 named .ogg
                 samples, rate = _read_pyav(path)
@@ -47,16 +51,47 @@ def load_audio(path: str | Path) -> np.ndarray:
     return resample(mono, rate)
 
 
+@contextlib.contextmanager
+def decoder_chatter_silenced() -> Iterator[None]:
+    """Native decoders' own stderr lines (libsndfile's mpg123: "Note: Illegal Audio-MPEG-Header ...") go nowhere.
+
+    They write to file descriptor 2 from C, past Python's sys.stderr, so the descriptor itself is pointed at
+    /dev/null for the call; what they mean reaches the user as our one line.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable descriptor 2 (an embedding host): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
     """(samples (T, channels) float32, rate Hz) via soundfile; AudioError when libsndfile cannot read it."""
     import soundfile as sf
 
     try:
-        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, channels)
+        with decoder_chatter_silenced():
+            samples, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, channels)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        reason = " ".join(str(exc).split())  # libsndfile's messages span lines; ours are one line
-        raise AudioError(f"cannot read audio file {path}: {reason}") from None
+        raise AudioError(f"cannot read audio file {path}: {soundfile_reason(exc)}") from None
     return samples, rate
+
+
+def soundfile_reason(exc: Exception) -> str:
+    """libsndfile's reason in one line, or a true one where libsndfile's is not: for data it cannot recognise it
+    says "File does not exist or is not a regular file (possibly a pipe?)" of a file that is both."""
+    reason = " ".join(str(exc).split())  # libsndfile's messages span lines; ours are one line
+    if "does not exist or is not a regular file" in reason or "Format not recognised" in reason:
+        return "not an audio format we can read"
+    return reason.split("': ", 1)[-1]  # without "Error opening '<path>'", which our line already names
 
 
 def _soundfile_reason(path: Path) -> str:
@@ -68,7 +103,7 @@ def _soundfile_reason(path: Path) -> str:
     return "unknown error"
 
 
-def _has_pyav() -> bool:
+def has_pyav() -> bool:
     try:
         import av  # noqa: F401
     except ImportError:
@@ -76,7 +111,7 @@ def _has_pyav() -> bool:
     return True
 
 
-def _import_av(path: Path):
+def import_av(path: Path):
     """The av module, or a one-sentence DependencyError naming the file type and what to install."""
     try:
         import av
@@ -92,7 +127,7 @@ def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
     Only the sample format is converted here (to planar float); channels are averaged and the rate changed by
     the caller, exactly as for soundfile, so both paths give the same result for the same audio.
     """
-    av = _import_av(path)
+    av = import_av(path)
     chunks: list[np.ndarray] = []  # each (channels, n)
     rate = 0
     try:
@@ -107,7 +142,7 @@ def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
                     chunks.append(out.to_ndarray())
             chunks += [out.to_ndarray() for out in converter.resample(None)]  # flush
     except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
-        raise AudioError(f"cannot read audio file {path}: {_av_reason(exc)}") from None
+        raise AudioError(f"cannot read audio file {path}: {av_reason(exc)}") from None
     if not chunks:
         return np.zeros((0, 1), np.float32), rate or SAMPLE_RATE
     return np.ascontiguousarray(np.concatenate(chunks, axis=1).T, dtype=np.float32), rate  # (T, channels)
@@ -125,20 +160,21 @@ def duration_seconds(path: str | Path) -> float | None:
         import soundfile as sf
 
         try:
-            info = sf.info(str(path))
+            with decoder_chatter_silenced():
+                info = sf.info(str(path))
             return info.frames / info.samplerate if info.samplerate else None
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
-            if not _has_pyav():
+            if not has_pyav():
                 raise AudioError(f"cannot read audio file {path}: {_soundfile_reason(path)}") from None
-    av = _import_av(path)
+    av = import_av(path)
     try:
         with av.open(str(path)) as container:
             return None if container.duration is None else container.duration / av.time_base
     except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
-        raise AudioError(f"cannot read audio file {path}: {_av_reason(exc)}") from None
+        raise AudioError(f"cannot read audio file {path}: {av_reason(exc)}") from None
 
 
-def _av_reason(exc: Exception) -> str:
+def av_reason(exc: Exception) -> str:
     """FFmpeg's message without its errno and the repeated file name: "Invalid data found when processing input"."""
     return " ".join(str(getattr(exc, "strerror", None) or exc).split())
 

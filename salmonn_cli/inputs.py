@@ -4,6 +4,7 @@ with per-file instructions). Paths in a manifest are relative to the manifest's 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def _unique(items: list[InputItem]) -> list[InputItem]:
     seen: set[tuple[Path, str | None]] = set()
     unique = []
     for item in items:
-        key = (item.path.resolve(), item.instruction)
+        key = (Path(os.path.realpath(item.path)), item.instruction)  # never raises, symlink loops included
         if key not in seen:
             seen.add(key)
             unique.append(item)

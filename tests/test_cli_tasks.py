@@ -126,7 +126,8 @@ def test_many_files_go_on_after_a_failure(tiny, clips, tmp_path):
     run = salmonn("caption", str(clips["tone"]), str(corrupt), str(clips["chirp"]), *model_args(tiny), "-f", "json")
     assert run.returncode == 3
     assert [r["file"] for r in json_lines(run.stdout)] == [str(clips["tone"]), str(clips["chirp"])]
-    assert "cannot read audio file" in run.stderr and "3 inputs: 2 done, 1 failed" in run.stderr
+    assert "not an audio format we can read" in run.stderr and "3 inputs: 2 done, 1 failed" in run.stderr
+    assert run.stderr.index("corrupt.wav") < run.stderr.index("Loaded")  # refused before the model loaded
     assert "Traceback" not in run.stderr
 
 

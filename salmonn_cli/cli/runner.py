@@ -101,13 +101,16 @@ def run_task(
     decode: DecodeChoice,
     plan: OutputPlan,
     settings: LongformSettings,
+    *,
+    failed: list[SalmonnError] | None = None,
 ) -> int:
     """Run `task` on each input in turn (skipping those already done); emit each result as it finishes;
-    report each failure and go on. Returns the exit code: 0, or the first failure's."""
+    report each failure and go on. `failed`: inputs refused (and reported) before the model loaded, counted in
+    the summary. Returns the exit code: 0, or the first failure's."""
     from .batch import Tally
 
-    tally = Tally(total=len(items))
-    failures: list[SalmonnError] = []
+    failures: list[SalmonnError] = list(failed or [])
+    tally = Tally(total=len(items) + len(failures), failed=len(failures))
     with _progress(len(items)) as advance:
         for item in items:
             if plan.done(item.path):
@@ -125,7 +128,7 @@ def run_task(
                 tally.done += 1
                 tally.audio_s += record.audio_seconds
             advance(item.path, tally)
-    if len(items) > 1 or plan.output_dir is not None:
+    if tally.total > 1 or plan.output_dir is not None:
         stderr.print(tally.summary())
     return failures[0].exit_code if failures else 0
 

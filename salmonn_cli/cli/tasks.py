@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import AudioError, UsageError
+from ..errors import UsageError
 from ..model_file import WAKE_UP_LORA_SCALE
 from .commands import (
     DECODE_OPTIONS,
@@ -22,7 +22,7 @@ from .commands import (
     with_options,
 )
 from .options import FileArg, OptionalFilesArg
-from .runner import Task, open_model, run_task
+from .runner import Task, open_model, run_task, stderr
 
 SPEECH_TASKS = ("transcribe", "translate")  # joined as running text, subtitles follow the speech
 
@@ -35,6 +35,7 @@ def run(task: Task, files: list[Path], options: dict) -> None:
     from ..inputs import expand_inputs
     from ..longform import LongformSettings
     from ..output import writer_for
+    from ..probe import probe_inputs
     from .batch import OutputPlan, unique_names
 
     fmt, writer = writer_for(options["format"])
@@ -43,11 +44,16 @@ def run(task: Task, files: list[Path], options: dict) -> None:
             raise UsageError("--instruction is empty")
         task = replace(task, instruction=options["instruction"].strip())
     items = expand_inputs(files, recursive=options["recursive"], glob=options["glob"], manifest=options["manifest"])
-    missing = [str(item.path) for item in items if not item.path.exists() or item.path.is_dir()]
-    if len(missing) == len(items):  # nothing to do: say so before spending time on the model
-        raise AudioError(f"audio file not found: {', '.join(missing)}")
+    # every input's header is read before the model loads: the bad ones are reported now, the rest run
+    bad = probe_inputs([item.path for item in items])
+    for problem in bad.values():
+        stderr.print(f"[red]salmonn: error:[/] {problem}")
+    failed_code = next(iter(bad.values())).exit_code if bad else 0  # the first problem's, as for later failures
+    if len(bad) == len(items):
+        raise typer.Exit(failed_code)  # nothing to run
+    good = [item for item in items if item.path not in bad]
     plan = OutputPlan(fmt, writer, options["output_dir"], options["overwrite"],
-                      unique_names([item.path for item in items]))  # fmt: skip
+                      unique_names([item.path for item in good]))  # fmt: skip
     settings = LongformSettings(
         vad=options["vad"],
         batch_size=options["batch_size"],
@@ -56,13 +62,13 @@ def run(task: Task, files: list[Path], options: dict) -> None:
         whole=options.get("whole", False),
         timestamped=task.name not in SPEECH_TASKS,
     )
-    if all(plan.done(item.path) for item in items):
-        from .runner import stderr
-
-        stderr.print(f"all {len(items)} inputs are already done in {plan.output_dir} (--overwrite redoes them)")
+    if all(plan.done(item.path) for item in good):
+        stderr.print(f"all {len(good)} inputs are already done in {plan.output_dir} (--overwrite redoes them)")
+        if failed_code:
+            raise typer.Exit(failed_code)
         return
     loaded = open_model(model_choice(options))
-    code = run_task(loaded, task, items, decode_choice(options), plan, settings)
+    code = run_task(loaded, task, good, decode_choice(options), plan, settings, failed=list(bad.values()))
     if code:
         raise typer.Exit(code)
 
