@@ -59,7 +59,8 @@ OfflineOpt = Annotated[
 LoraScaleOpt = Annotated[
     Optional[float],
     typer.Option(
-        help="LoRA scaling for this run (trained: 4.0; ~2.0 wakes story-telling, QA and translation; 0 = off).",
+        min=0.0,  # the paper's knob runs from 0 (LoRA off) up; a negative scale subtracts the adapter: refused
+        help="LoRA scaling for this run, >= 0 (trained: 4.0; ~2.0 wakes story-telling, QA and translation; 0 = off).",
         rich_help_panel=DECODE_PANEL,
     ),
 ]

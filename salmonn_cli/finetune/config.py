@@ -61,6 +61,8 @@ class FinetuneConfig:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_grad_norm <= 0 or self.weight_decay < 0 or not 0 <= self.lora_dropout < 1:
             problems.append("max_grad_norm must be > 0, weight_decay >= 0 and lora_dropout in [0, 1)")
+        if self.lora_scale is not None and not (math.isfinite(self.lora_scale) and self.lora_scale >= 0):
+            problems.append(f"--lora-scale must be >= 0 (0 turns LoRA off), got {self.lora_scale}")
         if self.quant not in QUANT_MODES:
             problems.append(f"--quant must be one of {', '.join(QUANT_MODES)} for training, got {self.quant!r}")
         if self.quant_backend not in TRAIN_BACKENDS:

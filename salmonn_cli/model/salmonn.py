@@ -13,6 +13,7 @@ decoding); the stages below them do the work and nothing else.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -158,7 +159,11 @@ class SalmonnModel(nn.Module):
         return prompts.assemble_labelled_inputs(table, self.prompt_ids(prompt), parts, self.tokenizer.bos_token_id)
 
     def _scale(self, scale: float | None) -> float:
-        return self.settings.trained_lora_scale if scale is None else float(scale)
+        if scale is None:
+            return self.settings.trained_lora_scale
+        if not math.isfinite(scale) or scale < 0:
+            raise UsageError(f"lora_scale must be a finite number >= 0 (0 turns LoRA off), got {scale!r}")
+        return float(scale)
 
     @torch.inference_mode()
     def next_token_logits(self, inputs_embeds: torch.Tensor, *, lora_scale: float | None = None) -> torch.Tensor:
