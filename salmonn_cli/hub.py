@@ -229,6 +229,8 @@ def _classify(exc: Exception) -> tuple[str, bool]:
         return "offline mode is on", True
     if isinstance(exc, (errors.LocalEntryNotFoundError, ConnectionError, TimeoutError)) or _is_transport_error(exc):
         return f"cannot reach the Hub (HF_ENDPOINT={hub_endpoint()})", True
+    if isinstance(exc, (*_MALFORMED_ANSWER, json.JSONDecodeError)):
+        return f"a malformed answer from the Hub (HF_ENDPOINT={hub_endpoint()}; {type(exc).__name__})", False
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "), False
 
 
@@ -249,7 +251,12 @@ def _download_errors() -> tuple[type[BaseException], ...]:
     from huggingface_hub import errors
 
     hub = (errors.HfHubHTTPError, errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)
-    return (*hub, OSError, ValueError, *_transport_errors())
+    return (*hub, OSError, ValueError, *_MALFORMED_ANSWER, *_transport_errors())
+
+
+# What huggingface_hub raises when a server's JSON has the wrong shape (an object where a list belongs, a
+# missing field): `string indices must be integers`, KeyError 'sha', ... A mirror's bug, not ours: one source failed.
+_MALFORMED_ANSWER = (TypeError, KeyError, AttributeError)
 
 
 def _is_transport_error(exc: Exception) -> bool:

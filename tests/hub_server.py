@@ -10,8 +10,9 @@ Learned from huggingface_hub's own code (2.x):
   after a dropped connection (answered 206 + `Content-Range`).
 - Errors are told apart by `X-Error-Code`: RepoNotFound, RevisionNotFound, EntryNotFound.
 
-Switches: `missing` (repos answering 404), `drop_once` (files whose first GET is cut after so many bytes),
-`corrupt` (files served with wrong bytes). Every request is recorded in `requests`.
+Switches: `missing` (repos answering 404), `malformed` (repos whose API answers JSON of the wrong shape),
+`drop_once` (files whose first GET is cut after so many bytes), `corrupt` (files served with wrong bytes).
+Every request is recorded in `requests`.
 
 Also runnable as `python -m tests.hub_server resolve|download|status MODEL_TOML [--offline] [--no-download]`:
 the driver the tests run in a subprocess, so that huggingface_hub reads HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE
@@ -62,6 +63,7 @@ class HubServer:
     missing: set[str] = field(default_factory=set)
     drop_once: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before the cut
     corrupt: set[str] = field(default_factory=set)
+    malformed: set[str] = field(default_factory=set)  # repo ids whose API answers are JSON of the wrong shape
     requests: list[Request] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -153,6 +155,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._error(404, "EntryNotFound", body, repo)
             return
+        if repo.repo_id in self.hub.malformed:  # an object where a list belongs, and the other way round
+            payload = [payload] if isinstance(payload, dict) else {"files": payload}
         self._send(200, json.dumps(payload).encode(), {"Content-Type": "application/json"}, body)
 
     def _resolve(self, repo_type: str, repo_id: str, revision: str, path: str, body: bool) -> None:

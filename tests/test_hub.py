@@ -224,6 +224,13 @@ def test_every_source_failing_names_each_source_and_its_reason(hub, model, hf_ho
     assert "model mirror/encoders@main:BEATs.pt: repository not found" in message
 
 
+def test_a_hub_answering_malformed_json_is_a_download_failure_naming_the_source(hub, model, hf_home):
+    hub.malformed = {"org/salmonn-gradio", "mirror/encoders"}  # both of beats' sources
+    failure = error(drive("resolve", str(model), endpoint=hub.url, hf_home=hf_home))
+    assert "could not download the beats component from any source" in failure["message"]
+    assert "space org/salmonn-gradio@main:beats/BEATs.pt: a malformed answer from the Hub" in failure["message"]
+
+
 def test_wrong_bytes_fail_the_sha256_check_with_both_hashes(hub, model, hf_home):
     hub.corrupt = {"salmonn.pth"}
     message = error(drive("resolve", str(model), endpoint=hub.url, hf_home=hf_home))["message"]
