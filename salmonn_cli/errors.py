@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # SIGTERM (timeout, systemd, a container stop), handled as Ctrl-C: 128 + SIGTERM
 
 
 class SalmonnError(Exception):

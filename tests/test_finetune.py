@@ -329,10 +329,12 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_weights(uninterrupted, 
     assert_same_tensors(torch.load(out / "salmonn.pth", weights_only=True)["model"], uninterrupted)
 
 
-def test_ctrl_c_saves_exits_130_and_resumes_to_the_same_weights(uninterrupted, tiny, data_dir, tmp_path):
+@pytest.mark.parametrize(("sig", "expected"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_exits_and_resumes_to_the_same_weights(uninterrupted, tiny, data_dir, tmp_path, sig,
+                                                                         expected):  # fmt: skip
     out = tmp_path / "out"
-    code, stderr = run_until(train_args(tiny, data_dir, out), "step 1/8", signal.SIGINT)
-    assert code == 130, stderr
+    code, stderr = run_until(train_args(tiny, data_dir, out), "step 1/8", sig)
+    assert code == expected, stderr
     assert "--resume" in stderr and "Traceback" not in stderr and not (out / "salmonn.pth").exists()
     assert torch.load(out / "state.pt", weights_only=True)["step"] >= 1
     resumed = run_cli(*train_args(tiny, data_dir, out, "--resume"))

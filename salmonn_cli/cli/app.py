@@ -14,6 +14,7 @@ import typer
 
 from .. import __version__
 from ..errors import EXIT_INTERRUPTED, OutOfMemoryError, SalmonnError
+from ..stop import interrupted_exit, sigterm_as_interrupt
 
 app = typer.Typer(
     name="salmonn",
@@ -53,14 +54,22 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _stopped() -> int:
+    """Ctrl-C (exit 130) or SIGTERM (exit 143): one line saying which."""
+    code, word = interrupted_exit()
+    print(f"salmonn: {word}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app and turn our errors into one line and an exit code."""
     debug = os.environ.get("SALMONN_DEBUG") == "1"
+    sigterm_as_interrupt()
     try:
         # outside standalone mode the parser returns a command's typer.Exit code instead of raising it
         code = app(args=argv, prog_name="salmonn", standalone_mode=False)
         if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C in a command into a silent Exit(130)
-            print("salmonn: interrupted", file=sys.stderr)
+            return _stopped()
         if isinstance(code, int):
             return code
     except SalmonnError as exc:
@@ -78,13 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("salmonn: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _stopped()
     except typer.Exit as exc:
-        return exc.exit_code
+        return _stopped() if exc.exit_code == EXIT_INTERRUPTED else exc.exit_code
     except typer.Abort:  # the parser turns Ctrl-C inside a command into Abort
-        print("salmonn: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _stopped()
     except typer.TyperException as exc:  # usage errors from the command-line parser: they print themselves
         exc.show()
         return getattr(exc, "exit_code", 2)

@@ -27,6 +27,7 @@ from ..audio import load_audio
 from ..checkpoint import original_lora_key
 from ..errors import UsageError
 from ..llm import input_embeddings, scaled_lora
+from ..stop import note_terminated
 from .config import FinetuneConfig
 from .data import FewShotExample
 from .progress import Reporter, StepLog
@@ -317,7 +318,7 @@ class Trainer:
 
 
 class _StopRequest:
-    """Ctrl-C asks the loop to stop before the next forward pass; a second Ctrl-C interrupts at once."""
+    """Ctrl-C (or SIGTERM) asks the loop to stop before the next forward pass; a second one interrupts at once."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -332,15 +333,18 @@ class _StopRequest:
             return
 
         def handler(signum, frame) -> None:  # prints nothing: the console may be half-way through a line
+            if signum == signal.SIGTERM:
+                note_terminated()  # the same stop, exit 143
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
 
 def _seed_everything(seed: int) -> None:
