@@ -106,6 +106,26 @@ CASES = [
          command="caption"),  # fmt: skip
     Case("a negative --lora-scale", _tone("ok.wav"), 2, "greater than or equal to 0",
          args=("What is this?", "--lora-scale", "-1")),  # fmt: skip
+    Case("-o pointing at a file", _tone("ok.wav"), 2, "is not a folder: give a folder",
+         args=("What is this?", "-o", "/dev/null")),  # fmt: skip
+]
+
+
+def _model_file(text_of: Callable[[str], str]) -> Callable[[Path, Path], Path]:
+    """A model file made from the tiny one's text, next to it (its components are found relative to it)."""
+
+    def make(tiny_toml: Path, folder: Path) -> Path:
+        path = tiny_toml.parent / f"edited-{folder.name}.toml"
+        path.write_text(text_of(tiny_toml.read_text()))
+        return path
+
+    return make
+
+
+MODEL_FILE_CASES = [
+    ("an unknown key in the model file", _model_file(lambda t: t + 'colour = "blue"\n'), 4, "unknown field 'colour'"),
+    ("a model file that is not TOML", _model_file(lambda t: "not toml [[["), 4, "model file is not valid TOML"),
+    ("a missing model file", lambda tiny_toml, folder: folder / "none.toml", 2, "none.toml does not exist"),
 ]
 
 
@@ -133,6 +153,15 @@ def test_a_bad_input_is_one_line_and_its_exit_code_before_the_model_loads(case, 
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1, done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize(("name", "make", "code", "says"), MODEL_FILE_CASES, ids=[c[0] for c in MODEL_FILE_CASES])
+def test_a_bad_model_file_is_one_line_and_its_exit_code(name, make, code, says, model_toml, tmp_path):
+    clip = _tone("ok.wav")(tmp_path)
+    done = salmonn("ask", clip, "What is this?", "--model", str(make(model_toml, tmp_path)))
+    assert done.returncode == code, done.stderr[-2000:]
+    assert says in done.stderr and "Traceback" not in done.stderr and "Loaded" not in done.stderr, done.stderr
+    assert len([line for line in done.stderr.splitlines() if "error" in line.lower()]) == 1, done.stderr
 
 
 def test_with_many_files_the_bad_ones_are_reported_first_and_the_rest_run(model_toml, tmp_path):
