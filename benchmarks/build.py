@@ -240,7 +240,7 @@ def _build_bitsandbytes_llm(shape: LlamaShape, spec: QuantSpec, device: torch.de
     for layer in llm.model.layers:
         # on the host: bitsandbytes quantises a weight as it moves it to the GPU (Int8Params only then)
         materialise(layer, torch.device("cpu"), dtype)
-        _to_bitsandbytes(layer, spec, device, dtype)
+        to_bitsandbytes(layer, spec, device, dtype)
         layer.to(device)  # the norms
         release_freed_memory()
     setattr(llm, f"is_loaded_in_{spec.mode}", True)  # what peft reads to wrap bitsandbytes layers
@@ -270,7 +270,7 @@ def llama_config(shape: LlamaShape):
     )
 
 
-def _to_bitsandbytes(layer: nn.Module, spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> None:
+def to_bitsandbytes(layer: nn.Module, spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> None:
     """Replace every nn.Linear of one decoder layer by its bitsandbytes NF4 / LLM.int8 form (as from_pretrained)."""
     import bitsandbytes as bnb
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from .build import _to_bitsandbytes, materialise
+from .build import materialise, to_bitsandbytes
 from .measure import synthetic_audio
 
 NAME = "qwen2-audio-7b"
@@ -63,7 +63,7 @@ def build(config, quant: str, device: torch.device):
     for layer in model.model.language_model.layers:
         materialise(layer, device, dtype)
         if four_bit:  # as from_pretrained with BitsAndBytesConfig(load_in_4bit) makes them
-            _to_bitsandbytes(layer, QuantSpec("4bit", "bitsandbytes"), device, dtype)
+            to_bitsandbytes(layer, QuantSpec("4bit", "bitsandbytes"), device, dtype)
     materialise(model, device, dtype)  # audio tower, projector, embeddings, head
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = EOS, PAD
     model.requires_grad_(False)

@@ -38,13 +38,13 @@ def load_audio(path: str | Path) -> np.ndarray:
     else:
         try:
             samples, rate = _read_soundfile(path)
-        except AudioError:
+        except AudioError as soundfile_failed:
             if not has_pyav():
                 raise
             try:  # e.g. opus in ogg with an old libsndfile, or an mp4 named .ogg
                 samples, rate = _read_pyav(path)
             except AudioError:
-                raise AudioError(f"cannot read audio file {path}: {_soundfile_reason(path)}") from None
+                raise soundfile_failed from None  # libsndfile's reason is the clearer one
     if samples.shape[0] == 0:
         raise AudioError(f"audio file has no samples: {path}")
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
@@ -94,15 +94,6 @@ def soundfile_reason(exc: Exception) -> str:
     return reason.split("': ", 1)[-1]  # without "Error opening '<path>'", which our line already names
 
 
-def _soundfile_reason(path: Path) -> str:
-    """libsndfile's one-line reason for not reading `path` (the clearer message when PyAV fails too)."""
-    try:
-        _read_soundfile(path)
-    except AudioError as exc:
-        return str(exc).split(": ", 1)[-1]
-    return "unknown error"
-
-
 def has_pyav() -> bool:
     try:
         import av  # noqa: F401
@@ -131,7 +122,7 @@ def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
     chunks: list[np.ndarray] = []  # each (channels, n)
     rate = 0
     try:
-        with av.open(str(path)) as container:
+        with decoder_chatter_silenced(), av.open(str(path)) as container:
             streams = [s for s in container.streams if s.type == "audio"]
             if not streams:
                 raise AudioError(f"cannot read audio file {path}: it has no audio stream")
@@ -163,9 +154,9 @@ def duration_seconds(path: str | Path) -> float | None:
             with decoder_chatter_silenced():
                 info = sf.info(str(path))
             return info.frames / info.samplerate if info.samplerate else None
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
             if not has_pyav():
-                raise AudioError(f"cannot read audio file {path}: {_soundfile_reason(path)}") from None
+                raise AudioError(f"cannot read audio file {path}: {soundfile_reason(exc)}") from None
     av = import_av(path)
     try:
         with av.open(str(path)) as container:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import write_text_atomically
+from ..errors import UsageError
 from ..output import EXTENSIONS, Record, write_json
 
 RESULTS_FILE = "results.jsonl"
@@ -25,6 +26,12 @@ class OutputPlan:
     output_dir: Path | None = None
     overwrite: bool = False
     names: dict[Path, str] = field(default_factory=dict)  # input -> output file stem (unique in the run)
+
+    def __post_init__(self) -> None:  # refused when the plan is made: before any model loads
+        if self.output_dir is not None and self.output_dir.exists() and not self.output_dir.is_dir():
+            raise UsageError(
+                f"-o/--output-dir {self.output_dir} is not a folder: give a folder (it is created if missing)"
+            )
 
     def target(self, path: Path) -> Path | None:
         if self.output_dir is None:

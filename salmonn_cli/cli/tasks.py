@@ -43,9 +43,6 @@ def run(task: Task, files: list[Path], options: dict) -> None:
         if not options["instruction"].strip():
             raise UsageError("--instruction is empty")
         task = replace(task, instruction=options["instruction"].strip())
-    output_dir = options["output_dir"]
-    if output_dir is not None and output_dir.exists() and not output_dir.is_dir():  # before anything is loaded
-        raise UsageError(f"-o/--output-dir {output_dir} is not a folder: give a folder (it is created if missing)")
     items = expand_inputs(files, recursive=options["recursive"], glob=options["glob"], manifest=options["manifest"])
     # every input's header is read before the model loads: the bad ones are reported now, the rest run
     bad = probe_inputs([item.path for item in items])
