@@ -67,3 +67,9 @@ class OutOfMemoryError(SalmonnError):
     """The device ran out of memory."""
 
     exit_code = 6
+
+
+class OutputError(SalmonnError):
+    """An output cannot be written: a read-only or full disk, a folder without write permission."""
+
+    exit_code = 7

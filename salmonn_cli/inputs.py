@@ -19,22 +19,30 @@ AUDIO_SUFFIXES = frozenset(
 class InputItem:
     """One input file, with its own instruction when a jsonl manifest gives one."""
 
-    path: Path
+    path: Path  # what the user named: results and output files are named after it
     instruction: str | None = None
+    read_from: Path | None = None  # where its audio is read instead: the copy of a pipe, which reads only once
+
+    @property
+    def audio_path(self) -> Path:
+        return self.path if self.read_from is None else self.read_from
 
 
 def expand_inputs(paths: list[Path], *, recursive: bool = False, glob: str | None = None,
                   manifest: Path | None = None) -> list[InputItem]:  # fmt: skip
     """Files in the order given; a folder contributes its audio files (sorted), a manifest its lines.
 
-    A path that does not exist is kept (its error is reported when it is processed, and the rest go on);
-    a folder with no matching file is a UsageError, as is a malformed manifest line.
+    A path that does not exist is kept (its error is reported when it is probed, and the rest go on), and so
+    is a folder that cannot be read (at the top or below it); a folder with no matching file is a UsageError,
+    as is a malformed manifest line.
     """
     items: list[InputItem] = []
     for path in paths:
         if path.is_dir():
+            unreadable = _unreadable_folders(path, recursive=recursive)
             found = _folder_files(path, recursive=recursive, glob=glob)
-            if not found:
+            items.extend(InputItem(folder) for folder in unreadable)
+            if not found and not unreadable:
                 where = "or below it " if recursive else ""
                 raise UsageError(f"no audio files in {path} {where}(pattern {glob or 'any audio'})")
             items.extend(InputItem(f) for f in found)
@@ -54,13 +62,33 @@ def _folder_files(folder: Path, *, recursive: bool, glob: str | None) -> list[Pa
     return sorted(p for p in candidates if p.is_file() and (glob or p.suffix.lower() in AUDIO_SUFFIXES))
 
 
+def _unreadable_folders(folder: Path, *, recursive: bool) -> list[Path]:
+    """The folders a listing cannot enter (Path.glob passes over them in silence)."""
+    unreadable: list[Path] = []
+    if recursive:
+        for _ in os.walk(folder, onerror=lambda exc: unreadable.append(Path(exc.filename))):
+            pass
+    else:
+        try:
+            os.scandir(folder).close()
+        except PermissionError:
+            unreadable.append(folder)
+    return sorted(unreadable)
+
+
 def read_manifest(manifest: Path) -> list[InputItem]:
     """Lines of a manifest: a path per line (`#` comments), or jsonl objects with `audio` and `instruction`."""
     if not manifest.is_file():
         raise AudioError(f"manifest not found: {manifest}")
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except PermissionError:
+        raise AudioError(f"cannot read manifest {manifest}: permission denied") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"manifest {manifest} is not UTF-8 text: give one path or JSON object per line") from None
     base = manifest.parent
     items = []
-    for number, raw in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

@@ -1,26 +1,31 @@
 """Inputs checked before any model loads: a bad file costs a second, not a model load.
 
 `probe_audio` reads what a file is (stat) and its header (libsndfile's, else PyAV's), never its samples: it
-exists, it is a regular readable file (or a pipe, which is read once, when its turn comes, and so not probed),
-its container and codec open, and it has a sample rate and at least one channel.
+exists, it is a regular readable file, its container and codec open, and it has a sample rate and at least one
+channel. A pipe (`<(...)`, /dev/stdin, a named FIFO) can be read only once, so `probe_inputs` copies it into a
+temporary folder first and probes (and later reads) the copy: a pipe of garbage is refused before the load too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 import stat
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .audio import PYAV_SUFFIXES, av_reason, decoder_chatter_silenced, has_pyav, import_av, soundfile_reason
 from .errors import AudioError
+from .inputs import InputItem
 
 
 @dataclass(frozen=True)
 class AudioHeader:
-    """What a file's header says: rate, channels and frames (None where unknown: a pipe is not read ahead, and
-    PyAV's containers may not say)."""
+    """What a file's header says: rate, channels and frames (None where unknown: PyAV's containers may not say)."""
 
     path: Path
     sample_rate: int | None
@@ -30,9 +35,8 @@ class AudioHeader:
 
 def probe_audio(path: Path) -> AudioHeader:
     """The file's header, or an AudioError whose one line says what is wrong with it."""
-    kind = _file_kind(path)
-    if kind == "pipe":
-        return AudioHeader(path, None, None)
+    if _file_kind(path) == "pipe":  # probe_inputs copies a pipe first; a reader that needs a file says so
+        raise AudioError(f"{path} is a pipe, which can be read only once: give a file")
     header = None
     if path.suffix.lower() not in PYAV_SUFFIXES:
         try:
@@ -47,7 +51,7 @@ def probe_audio(path: Path) -> AudioHeader:
 
 
 def _file_kind(path: Path) -> str:
-    """"file" or "pipe"; an AudioError for what cannot be read as audio at all."""
+    """`file` or `pipe`; an AudioError for what cannot be read as audio at all."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -59,8 +63,10 @@ def _file_kind(path: Path) -> str:
             raise AudioError(f"cannot read {path}: its symbolic links loop") from None
         raise AudioError(f"cannot read {path}: {exc.strerror}") from None
     if stat.S_ISFIFO(info.st_mode):
-        return "pipe"  # `<(...)`, /dev/stdin: welcome, read once when their turn comes
-    if stat.S_ISDIR(info.st_mode):
+        return "pipe"  # `<(...)`, /dev/stdin, a FIFO: welcome, copied by probe_inputs
+    if stat.S_ISDIR(info.st_mode):  # only an unreadable one reaches here: a readable folder gives its files
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise AudioError(f"cannot read folder {path}: permission denied")
         raise AudioError(f"{path} is a folder, not an audio file")
     if not stat.S_ISREG(info.st_mode):
         raise AudioError(f"{path} is a device or socket, not an audio file")
@@ -107,12 +113,44 @@ def _checked(header: AudioHeader) -> AudioHeader:
     return header
 
 
-def probe_inputs(paths: list[Path]) -> dict[Path, AudioError]:
-    """The problem of each input that cannot be read (in the order given); the others are absent."""
-    problems: dict[Path, AudioError] = {}
-    for path in paths:
-        try:
-            probe_audio(path)
-        except AudioError as exc:
-            problems[path] = exc
-    return problems
+@dataclass(frozen=True)
+class ProbedInputs:
+    """The inputs that can be read (in the order given; a pipe's item reads from its copy) and the problem of
+    each one that cannot."""
+
+    good: list[InputItem]
+    bad: dict[Path, AudioError] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def probe_inputs(items: list[InputItem]) -> Iterator[ProbedInputs]:
+    """Probe every input; the copies of pipes live until the block ends."""
+    with tempfile.TemporaryDirectory(prefix="salmonn-pipes-") as copies:
+        good, bad = [], {}
+        for number, item in enumerate(items):
+            try:
+                if _pipe(item.path):
+                    item = replace(item, read_from=_copied(item.path, Path(copies) / f"{number}{item.path.suffix}"))
+                probe_audio(item.audio_path)
+            except AudioError as exc:  # said of the name the user gave, not of a pipe's copy
+                bad[item.path] = AudioError(str(exc).replace(str(item.audio_path), str(item.path)))
+            else:
+                good.append(item)
+        yield ProbedInputs(good, bad)
+
+
+def _pipe(path: Path) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False  # probe_audio says what is wrong
+
+
+def _copied(pipe: Path, copy: Path) -> Path:
+    """The whole of `pipe` written to `copy` (this waits for a FIFO's writer, as any reader of it would)."""
+    try:
+        with open(pipe, "rb") as source, open(copy, "wb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+    except OSError as exc:
+        raise AudioError(f"cannot read {pipe}: {exc.strerror}") from None
+    return copy

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic import write_text_atomically
-from ..errors import UsageError
+from ..atomic import check_writable, failure_reason, write_text_atomically
+from ..errors import OutputError, UsageError
 from ..output import EXTENSIONS, Record, write_json
 
 RESULTS_FILE = "results.jsonl"
@@ -32,6 +32,8 @@ class OutputPlan:
             raise UsageError(
                 f"-o/--output-dir {self.output_dir} is not a folder: give a folder (it is created if missing)"
             )
+        if self.output_dir is not None:
+            check_writable(self.output_dir)
 
     def target(self, path: Path) -> Path | None:
         if self.output_dir is None:
@@ -50,8 +52,11 @@ class OutputPlan:
         if target is None:
             print(text, flush=True)
             return
-        write_text_atomically(target, text if text.endswith("\n") else text + "\n")
-        append_line(self.output_dir / RESULTS_FILE, write_json(record))
+        try:
+            write_text_atomically(target, text if text.endswith("\n") else text + "\n")
+            append_line(self.output_dir / RESULTS_FILE, write_json(record))
+        except OSError as exc:  # the disk filled up or went read-only mid-run: every later write would fail too
+            raise OutputError(f"cannot write {target}: {failure_reason(exc)}") from None
 
 
 def unique_names(paths: list[Path]) -> dict[Path, str]:

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..atomic import check_writable
 from ..errors import EXIT_INTERRUPTED, UsageError
 from ..window import SAMPLE_RATE, WINDOW_SECONDS
 from .commands import DECODE_OPTIONS, MODEL_OPTIONS, decode_choice, model_choice, with_options
@@ -150,6 +151,8 @@ def _check_paths(request: LiveRequest) -> None:
     for path in (request.save, request.save_audio):
         if path is not None and not path.parent.is_dir():
             raise UsageError(f"cannot write {path}: folder {path.parent} does not exist")
+        if path is not None:
+            check_writable(path.parent)  # a read-only or full disk: found now, not after the model loads
     if request.save_audio is not None and request.save_audio.suffix.lower() not in (".wav", ".flac"):
         raise UsageError(f"--save-audio {request.save_audio}: use a .wav or .flac file")
 
@@ -170,11 +173,17 @@ def _answerer(loaded, task: Task, decode: DecodeChoice):
 
 def _open_source(request: LiveRequest):
     """The capture source and a few words about it for the start line."""
+    from ..inputs import InputItem
     from ..live.source import FileSource, open_microphone
+    from ..probe import probe_inputs
 
     if request.input is not None:
         pace = "fast" if request.fast else "real-time pace"
-        return FileSource.from_file(request.input, fast=request.fast), f"{request.input} ({pace})"
+        with probe_inputs([InputItem(request.input)]) as probed:  # the true reason, in one line, as for `ask`
+            if probed.bad:
+                raise probed.bad[request.input]
+            source = FileSource.from_file(probed.good[0].audio_path, fast=request.fast)  # read whole, here
+        return source, f"{request.input} ({pace})"
     source = open_microphone(request.capture_device)
     rate = "" if source.rate == SAMPLE_RATE else f", {source.rate} Hz resampled to 16 kHz"
     return source, f"input device {source.device.index} ({source.device.name}{rate})"

@@ -101,6 +101,7 @@ OutputDirOpt = Annotated[
         "-o",
         help="One output file per input here, plus results.jsonl; re-runs skip inputs already done.",
         rich_help_panel=OUTPUT_PANEL,
+        readable=False,
     ),
 ]
 OverwriteOpt = Annotated[
@@ -117,6 +118,7 @@ ManifestOpt = Annotated[
     typer.Option(
         help='A file listing inputs: one path per line, or jsonl with "audio" and "instruction".',
         rich_help_panel=INPUT_PANEL,
+        readable=False,
     ),
 ]
 VadOpt = Annotated[
@@ -137,10 +139,15 @@ WholeOpt = Annotated[
         rich_help_panel=INPUT_PANEL,
     ),
 ]
-FilesArg = Annotated[list[Path], typer.Argument(help="Audio files (wav, flac, ogg, mp3, ...).", show_default=False)]
-FileArg = Annotated[Path, typer.Argument(help="Audio file.", show_default=False)]
+# readable=False on input and output paths: click's own check is a usage error of three lines (exit 2); ours,
+# in probe.py and OutputPlan, is one line with the input's or the output's exit code, before the model loads
+FilesArg = Annotated[
+    list[Path], typer.Argument(help="Audio files (wav, flac, ogg, mp3, ...).", show_default=False, readable=False)
+]
+FileArg = Annotated[Path, typer.Argument(help="Audio file.", show_default=False, readable=False)]
 OptionalFilesArg = Annotated[
-    Optional[list[Path]], typer.Argument(help="Audio files or folders (or use --manifest).", show_default=False)
+    Optional[list[Path]],
+    typer.Argument(help="Audio files or folders (or use --manifest).", show_default=False, readable=False),
 ]
 
 

@@ -161,7 +161,7 @@ def answer_item(
     from ..generate import seeded_generator
     from ..longform import answer_file
 
-    waveform = load_audio(item.path)
+    waveform = load_audio(item.audio_path)
     instruction = item.instruction or task.instruction
     scale = decode.scale_for(task.lora_scale)
     generator = seeded_generator(decode.seed, loaded.model.device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -24,6 +24,9 @@ from .commands import (
 from .options import FileArg, OptionalFilesArg
 from .runner import Task, open_model, run_task, stderr
 
+if TYPE_CHECKING:
+    from ..probe import ProbedInputs
+
 SPEECH_TASKS = ("transcribe", "translate")  # joined as running text, subtitles follow the speech
 
 task_options = with_options(MODEL_OPTIONS, DECODE_OPTIONS, TASK_OPTIONS)
@@ -33,10 +36,8 @@ open_task_options = with_options(MODEL_OPTIONS, DECODE_OPTIONS, TASK_OPTIONS, WH
 def run(task: Task, files: list[Path], options: dict) -> None:
     """Shared tail of every task command: inputs, output plan, model; answer each input; exit code."""
     from ..inputs import expand_inputs
-    from ..longform import LongformSettings
     from ..output import writer_for
     from ..probe import probe_inputs
-    from .batch import OutputPlan, unique_names
 
     fmt, writer = writer_for(options["format"])
     if options["instruction"] is not None:
@@ -45,13 +46,21 @@ def run(task: Task, files: list[Path], options: dict) -> None:
         task = replace(task, instruction=options["instruction"].strip())
     items = expand_inputs(files, recursive=options["recursive"], glob=options["glob"], manifest=options["manifest"])
     # every input's header is read before the model loads: the bad ones are reported now, the rest run
-    bad = probe_inputs([item.path for item in items])
+    with probe_inputs(items) as probed:
+        _run_probed(task, probed, options, fmt, writer)
+
+
+def _run_probed(task: Task, probed: ProbedInputs, options: dict, fmt: str, writer) -> None:
+    """Report the inputs that cannot be read; run the rest (if any) with the model loaded once."""
+    from ..longform import LongformSettings
+    from .batch import OutputPlan, unique_names
+
+    bad, good = probed.bad, probed.good
     for problem in bad.values():
         stderr.print(f"[red]salmonn: error:[/] {problem}")
     failed_code = next(iter(bad.values())).exit_code if bad else 0  # the first problem's, as for later failures
-    if len(bad) == len(items):
+    if not good:
         raise typer.Exit(failed_code)  # nothing to run
-    good = [item for item in items if item.path not in bad]
     plan = OutputPlan(fmt, writer, options["output_dir"], options["overwrite"],
                       unique_names([item.path for item in good]))  # fmt: skip
     settings = LongformSettings(

@@ -127,12 +127,13 @@ def _audio_path(value: str, source: Path) -> Path:
 
 
 def _audio_problem(path: Path) -> str | None:
-    """Why the audio cannot be used (missing, unreadable, empty), or None. Decodes it, as training will."""
+    """Why the audio cannot be used (missing, unreadable, empty, a pipe that training could read only once), or
+    None. Decodes it, as training will."""
     from ..audio import load_audio
+    from ..probe import probe_audio
 
-    if not path.is_file():
-        return f"audio file not found: {path}"
     try:
+        probe_audio(path)
         load_audio(path)
     except AudioError as exc:
         return str(exc)
