@@ -7,8 +7,10 @@ exits 143 (128 + SIGTERM) where Ctrl-C exits 130.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 from .errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 
@@ -34,3 +36,25 @@ def sigterm_as_interrupt() -> None:
     """From now on SIGTERM stops this process as Ctrl-C does (main thread only: that is where signals land)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+@contextlib.contextmanager
+def stop_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM through a short step that must not be cut in two (a result's file and its line in
+    results.jsonl); a stop asked for meanwhile takes effect right after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    wanted = [sig for sig in pending if previous[sig] is not signal.SIG_IGN]
+    if wanted:
+        if signal.SIGTERM in wanted:
+            note_terminated()
+        raise KeyboardInterrupt

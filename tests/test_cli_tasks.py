@@ -131,6 +131,34 @@ def test_many_files_go_on_after_a_failure(tiny, clips, tmp_path):
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.parametrize(("sig", "code", "word"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")],
+                         ids=["ctrl-c", "sigterm"])  # fmt: skip
+def test_a_stopped_many_file_run_prints_what_it_did_and_what_it_did_not(tiny, clips, tmp_path, sig, code, word):
+    import signal
+
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"clip{i}.wav")
+        shutil.copy(clips["chirp" if i % 2 else "tone"], files[-1])
+    # 60 tokens per file (about a second each here): the stop comes while files remain
+    command = [shutil.which("salmonn"), "caption", *map(str, files), *model_args(tiny), "--max-new-tokens", "60",
+               "-f", "json"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)  # fmt: skip
+    try:
+        first = proc.stdout.readline()  # the first result: the run is under way
+        assert first.strip(), proc.stderr.read()
+        proc.send_signal(getattr(signal, sig))
+        rest, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stderr
+    done = json_lines(first + rest)
+    assert [r["file"] for r in done] == [str(f) for f in files[: len(done)]]  # each result whole, in order
+    assert f"6 inputs: {len(done)} done, {6 - len(done)} not run (stopped)" in stderr, stderr
+    assert stderr.rstrip().endswith(f"salmonn: {word}") and "Traceback" not in stderr
+
+
 def test_silence_is_reported_not_answered(tiny, clips):
     run = salmonn("caption", str(clips["silence"]), *model_args(tiny), "-f", "json")
     assert run.returncode == 0, run.stderr
@@ -226,3 +254,25 @@ def test_a_normal_ask_prints_the_answer_and_no_line_but_our_own(tiny, clips):
     ours = ("salmonn: ", "Loaded ")
     foreign = [line for line in run.stderr.splitlines() if line.strip() and not line.startswith(ours)]
     assert foreign == []
+
+
+@pytest.mark.parametrize(("sig", "word"), [("SIGINT", "interrupted"), ("SIGTERM", "terminated")])
+def test_a_stop_during_a_deferred_step_takes_effect_right_after_it(sig, word):
+    import os
+    import signal
+
+    from salmonn_cli import stop
+
+    steps = []
+    previous = signal.signal(signal.SIGTERM, stop._raise_interrupt)  # as `salmonn` runs: SIGTERM is Ctrl-C
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with stop.stop_deferred():
+                os.kill(os.getpid(), getattr(signal, sig))  # delivered at once, to this (the main) thread
+                steps.append("after the signal")  # the step goes on to its end
+            steps.append("after the step")  # never: the stop takes effect here
+        assert steps == ["after the signal"] and stop.interrupted_exit()[1] == word
+        assert signal.getsignal(signal.SIGTERM) is stop._raise_interrupt  # the handlers are back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stop._terminated.clear()

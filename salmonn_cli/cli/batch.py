@@ -101,11 +101,15 @@ class Tally:
         """Audio seconds per wall second (x real time)."""
         return f"{self.audio_s / self.wall_s:.2f}x real time" if self.wall_s > 0 and self.audio_s else "-"
 
-    def summary(self) -> str:
+    def summary(self, stopped: bool = False) -> str:
+        """One line; `stopped` (Ctrl-C, SIGTERM) adds the inputs not run (the one in flight among them)."""
         parts = [f"{self.done} done"]
         if self.skipped:
             parts.append(f"{self.skipped} already done (skipped; --overwrite redoes them)")
         if self.failed:
             parts.append(f"{self.failed} failed")
+        left = self.total - self.done - self.skipped - self.failed
+        if stopped and left:
+            parts.append(f"{left} not run (stopped)")
         audio = f"{self.audio_s / 3600:.2f} h" if self.audio_s >= 3600 else f"{self.audio_s:.0f} s"
         return f"{self.total} inputs: {', '.join(parts)}; {audio} of audio in {self.wall_s:.0f} s ({self.speed()})"

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from ..errors import OutOfMemoryError, SalmonnError
 from ..output import Record
+from ..stop import stop_deferred
 from .options import DecodeChoice, ModelChoice
 
 if TYPE_CHECKING:
@@ -111,25 +112,32 @@ def run_task(
 
     failures: list[SalmonnError] = list(failed or [])
     tally = Tally(total=len(items) + len(failures), failed=len(failures))
-    with _progress(len(items)) as advance:
-        for item in items:
-            if plan.done(item.path):
-                tally.skipped += 1
+    stopped = False
+    try:
+        with _progress(len(items)) as advance:
+            for item in items:
+                if plan.done(item.path):
+                    tally.skipped += 1
+                    advance(item.path, tally)
+                    continue
+                try:
+                    record = answer_item(loaded, task, item, decode, settings)
+                except SalmonnError as exc:
+                    stderr.print(f"[red]salmonn: error:[/] {exc}")
+                    failures.append(exc)
+                    tally.failed += 1
+                else:
+                    with stop_deferred():  # a stop never cuts a result from its results.jsonl line or its count
+                        plan.emit(record)
+                        tally.done += 1
+                        tally.audio_s += record.audio_seconds
                 advance(item.path, tally)
-                continue
-            try:
-                record = answer_item(loaded, task, item, decode, settings)
-            except SalmonnError as exc:
-                stderr.print(f"[red]salmonn: error:[/] {exc}")
-                failures.append(exc)
-                tally.failed += 1
-            else:
-                plan.emit(record)
-                tally.done += 1
-                tally.audio_s += record.audio_seconds
-            advance(item.path, tally)
-    if tally.total > 1 or plan.output_dir is not None:
-        stderr.print(tally.summary())
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the input in flight is dropped, the files written are whole
+        stopped = True
+        raise
+    finally:
+        if tally.total > 1 or plan.output_dir is not None:
+            stderr.print(tally.summary(stopped))
     return failures[0].exit_code if failures else 0
 
 
