@@ -13,16 +13,19 @@ import hashlib
 import json
 import os
 import shlex
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import TypeVar
 
 from .atomic import write_text_atomically
 from .errors import CheckpointError
 from .model_file import ComponentPaths, ComponentSpec, HubSource, ModelSpec
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
 VERIFIED_SUFFIX = ".sha256-ok"
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin")  # a Hugging Face model folder needs one of these and config.json
 _HASH_CHUNK = 8 << 20
@@ -204,12 +207,37 @@ def _fetch(source: HubSource) -> Path:
         HfApi().repo_info(source.repo, repo_type=source.repo_type, revision=source.revision)
         if source.is_file:
             return Path(hf_hub_download(source.repo, source.file, repo_type=source.repo_type, revision=source.revision))
-        root = snapshot_download(
+        root = _stoppable(lambda: snapshot_download(
             source.repo, repo_type=source.repo_type, revision=source.revision, allow_patterns=source.allow_patterns()
-        )
+        ))  # fmt: skip
     except _download_errors() as exc:  # every way one source can fail is a reason to try the next
         raise _SourceFailed(*_classify(exc)) from exc
     return Path(root) / source.folder if source.folder else Path(root)
+
+
+def _stoppable(call: Callable[[], T]) -> T:
+    """`call()` in a thread of its own, waited for where Ctrl-C and SIGTERM can cut the wait.
+
+    snapshot_download fetches a folder's files in a thread pool, and on Ctrl-C the pool's shutdown would hold the
+    main thread until every file is in; here the stop reaches the command at once (the `salmonn` entry point then
+    exits without waiting for the pool; a half-fetched file resumes on the next run).
+    """
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the caller's thread as it is
+            outcome.append((False, exc))
+
+    # not a daemon: neither are the pool's threads it starts, so the entry point sees them after a stop
+    worker = threading.Thread(target=run, name="salmonn-download")
+    worker.start()
+    worker.join()  # a signal interrupts this wait (lock waits are interruptible on POSIX)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _classify(exc: Exception) -> tuple[str, bool]:

@@ -11,7 +11,8 @@ Learned from huggingface_hub's own code (2.x):
 - Errors are told apart by `X-Error-Code`: RepoNotFound, RevisionNotFound, EntryNotFound.
 
 Switches: `missing` (repos answering 404), `malformed` (repos whose API answers JSON of the wrong shape),
-`drop_once` (files whose first GET is cut after so many bytes), `corrupt` (files served with wrong bytes).
+`drop_once` (files whose first GET is cut after so many bytes), `corrupt` (files served with wrong bytes),
+`hold` (files whose GET sends half the bytes, sets `held`, and waits for `released`: a download in flight).
 Every request is recorded in `requests`.
 
 Also runnable as `python -m tests.hub_server resolve|download|status MODEL_TOML [--offline] [--no-download]`:
@@ -64,6 +65,9 @@ class HubServer:
     drop_once: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before the cut
     corrupt: set[str] = field(default_factory=set)
     malformed: set[str] = field(default_factory=set)  # repo ids whose API answers are JSON of the wrong shape
+    hold: set[str] = field(default_factory=set)
+    held: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
     requests: list[Request] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -84,6 +88,7 @@ class HubServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.released.set()  # a held download must not outlive the server
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -176,6 +181,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(206, data[start:], headers, body)
         elif body and (cut := self.hub.take_drop(path)) is not None:
             self._send_cut(data, cut, headers)
+        elif body and path in self.hub.hold and not self.hub.released.is_set():
+            self._send_held(data, headers)
         else:
             self._send(200, data, headers, body)
 
@@ -199,6 +206,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         self.connection.shutdown(socket.SHUT_RDWR)
         self.close_connection = True
+
+    def _send_held(self, data: bytes, headers: dict[str, str]) -> None:
+        """Announce the whole file, send half of it, and wait for `released` before the rest."""
+        self.send_response(200)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        self.hub.held.set()
+        self.hub.released.wait(timeout=120)
+        try:
+            self.wfile.write(data[len(data) // 2 :])
+        except OSError:  # the client went away meanwhile
+            self.close_connection = True
 
     def _error(self, status: int, code: str, body: bool, repo: FakeRepo | None = None) -> None:
         headers = {"X-Error-Code": code, "Content-Type": "application/json"}

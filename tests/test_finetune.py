@@ -120,7 +120,7 @@ BAD_LINES = {
     "missing instruction": ('{"audio": "clips/c0.wav", "response": "x"}', "missing field 'instruction' (or 'task')"),
     "unknown task": ('{"audio": "clips/c0.wav", "task": "sing", "response": "x"}', "unknown task 'sing'"),
     "missing audio file": ('{"audio": "clips/none.wav", "task": "caption", "response": "x"}', "audio file not found"),
-    "unreadable audio": ('{"audio": "clips/junk.wav", "task": "caption", "response": "x"}', "not an audio format we can read"),
+    "unreadable audio": ('{"audio": "clips/junk.wav", "task": "caption", "response": "x"}', "not an audio format"),
     "empty response": ('{"audio": "clips/c0.wav", "task": "caption", "response": "  "}', "empty response"),
     "long response": (json.dumps({"audio": "clips/c0.wav", "task": "story", "response": "word " * 40}),
                       "over --max-text-tokens 20"),

@@ -207,6 +207,45 @@ def test_download_resumes_with_a_range_request_after_the_connection_drops(hub, m
     assert 0 < int(second.range[len("bytes=") : -1]) <= cut
 
 
+def _hub_env(endpoint: str, hf_home: Path) -> dict[str, str]:
+    """The environment of a real `salmonn` run against `endpoint`, with nothing of the machine's Hub settings."""
+    hub_settings = ("HF_", "HUGGINGFACE", "TRANSFORMERS_OFFLINE")
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith(hub_settings)}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1")
+    return env
+
+
+@pytest.mark.parametrize("held", ["model.safetensors", "salmonn.pth"], ids=["in a folder", "a single file"])
+@pytest.mark.parametrize(("sig", "code", "word"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")],
+                         ids=["ctrl-c", "sigterm"])  # fmt: skip
+def test_a_download_stopped_mid_file_exits_at_once_and_resumes_later(hub, model, hf_home, held, sig, code, word):
+    import shutil as sh
+    import signal
+
+    from tests.signals import default_sigint
+
+    hub.hold = {held}
+    command = [sh.which("salmonn"), "download", "--model", str(model)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_hub_env(hub.url, hf_home), preexec_fn=default_sigint)  # fmt: skip
+    try:
+        assert hub.held.wait(timeout=120), "the download never reached the held file"
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=30)  # at once: no worker thread keeps it alive
+    finally:
+        proc.kill()
+        hub.released.set()
+    assert proc.returncode == code, err
+    assert err.rstrip().endswith(f"salmonn: {word}") and "Traceback" not in err and out == "", err
+    snapshots = hf_home / "hub"
+    assert not [p for p in snapshots.rglob(held) if p.is_file()], "a half file where a whole one belongs"
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120, env=_hub_env(hub.url, hf_home))
+    assert again.returncode == 0, again.stderr
+    paths = dict(line.split("\t") for line in again.stdout.splitlines())
+    assert Path(paths["checkpoint"]).read_bytes() == CKPT
+    assert (Path(paths["whisper"]) / "model.safetensors").read_bytes() == WHISPER["model.safetensors"]
+
+
 def test_a_missing_repo_falls_back_to_the_next_source_and_says_which(hub, model, hf_home):
     hub.missing = {"org/salmonn-gradio"}
     used = ok(drive("resolve", str(model), endpoint=hub.url, hf_home=hf_home))

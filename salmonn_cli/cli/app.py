@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Annotated, Optional
 
 import typer
 
 from .. import __version__
-from ..errors import EXIT_INTERRUPTED, OutOfMemoryError, SalmonnError
+from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, OutOfMemoryError, SalmonnError
 from ..stop import interrupted_exit, sigterm_as_interrupt
 
 app = typer.Typer(
@@ -59,6 +60,23 @@ def _stopped() -> int:
     code, word = interrupted_exit()
     print(f"salmonn: {word}", file=sys.stderr)
     return code
+
+
+def console() -> None:
+    """The `salmonn` command: `main()`, then exit. After a stop, without waiting for a library's worker thread
+    (huggingface_hub fetches a folder's files in a thread pool, which would go on downloading for minutes
+    after Ctrl-C): nothing of ours is left to do then, and a half-fetched file resumes on the next run."""
+    code = main()
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED) and _workers_alive():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _workers_alive() -> bool:
+    main_thread = threading.main_thread()
+    return any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not main_thread)
 
 
 def main(argv: list[str] | None = None) -> int:
