@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -124,22 +125,31 @@ def test_folder_manifest_and_per_file_instructions(tiny, tmp_path):
 def test_killed_batch_resumes_without_redoing_finished_files(tiny, tmp_path):
     tone = (0.3 * np.sin(np.arange(2 * SAMPLE_RATE) / 4)).astype(np.float32)
     first, second, third = tmp_path / "one.wav", tmp_path / "two.wav", tmp_path / "three.wav"
-    sf.write(first, tone, SAMPLE_RATE)
-    sf.write(third, tone, SAMPLE_RATE)
-    os.mkfifo(second)  # reading it blocks: the moment salmonn opens it, `one` is finished and written
+    for path in (first, second, third):
+        sf.write(path, tone, SAMPLE_RATE)
     out = tmp_path / "out"
+    out.mkdir()
+    # results.jsonl is a FIFO here only to know the moment to kill: salmonn writes a file's line there right
+    # after the file's output, so when `one`'s line arrives, one.txt is whole and two.wav is not done
+    results = out / "results.jsonl"
+    os.mkfifo(results)
+    barrier = os.open(results, os.O_RDONLY | os.O_NONBLOCK)
     proc = subprocess.Popen([shutil.which("salmonn"), "transcribe", str(first), str(second), str(third), "-o", str(out),
                              *model(tiny)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
-        with open(second, "wb"):  # returns once salmonn has opened the pipe for reading
-            proc.send_signal(signal.SIGKILL)
+        ready, _, _ = select.select([barrier], [], [], 120)
+        assert ready, "salmonn wrote no result line"
+        written = os.read(barrier, 1 << 16)
+        proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         proc.kill()
+        os.close(barrier)
+    assert json.loads(written)["file"] == str(first)
+    results.unlink()
+    results.write_bytes(written)  # what the disk holds after a kill at that moment
     assert (out / "one.txt").is_file() and not (out / "two.txt").exists()
     finished_at = (out / "one.txt").stat().st_mtime_ns
-    second.unlink()
-    sf.write(second, tone, SAMPLE_RATE)
     rerun = salmonn("transcribe", str(first), str(second), str(third), "-o", str(out), *model(tiny))
     assert rerun.returncode == 0, rerun.stderr
     assert (out / "one.txt").stat().st_mtime_ns == finished_at
