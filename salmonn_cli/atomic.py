@@ -48,5 +48,5 @@ def check_writable(folder: Path) -> None:
 
 
 def failure_reason(exc: OSError) -> str:
-    """The system's words for a failed write, as the rest of a one-line message ("no space left on device")."""
+    """The system's words for a failed file operation, to end a one-line message ("no space left on device")."""
     return (exc.strerror or type(exc).__name__).lower()

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .atomic import failure_reason
 from .audio import PYAV_SUFFIXES, av_reason, decoder_chatter_silenced, has_pyav, import_av, soundfile_reason
 from .errors import AudioError
 from .inputs import InputItem
@@ -61,7 +62,7 @@ def _file_kind(path: Path) -> str:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise AudioError(f"cannot read {path}: its symbolic links loop") from None
-        raise AudioError(f"cannot read {path}: {exc.strerror}") from None
+        raise AudioError(f"cannot read {path}: {failure_reason(exc)}") from None
     if stat.S_ISFIFO(info.st_mode):
         return "pipe"  # `<(...)`, /dev/stdin, a FIFO: welcome, copied by probe_inputs
     if stat.S_ISDIR(info.st_mode):  # only an unreadable one reaches here: a readable folder gives its files
@@ -152,5 +153,5 @@ def _copied(pipe: Path, copy: Path) -> Path:
         with open(pipe, "rb") as source, open(copy, "wb") as target:
             shutil.copyfileobj(source, target, 1 << 20)
     except OSError as exc:
-        raise AudioError(f"cannot read {pipe}: {exc.strerror}") from None
+        raise AudioError(f"cannot read {pipe}: {failure_reason(exc)}") from None
     return copy
