@@ -267,8 +267,11 @@ def _run(request: LiveRequest, options: dict):
     answer = _answerer(loaded, request.task, decode_choice(options))
     outputs = _Outputs(request.fmt, request.task, request.save, request.save_audio)
     try:
-        hooks = LiveHooks(on_result=outputs.result, on_warning=warn, on_audio=outputs.audio)
-        stderr.print(f"[dim]salmonn live: {request.task.name} from {described}; Ctrl-C to stop[/]")
+        # the start line comes once capture runs: what is played after it is heard, every sample
+        started = f"[dim]salmonn live: {request.task.name} from {described}; Ctrl-C to stop[/]"
+        hooks = LiveHooks(
+            on_result=outputs.result, on_warning=warn, on_audio=outputs.audio, on_start=lambda: stderr.print(started)
+        )
         config = LiveConfig(max_queue=request.max_queue, drain=request.drain)
         summary = run_live(source, segmenter, answer, config, hooks)
         outputs.summary(summary)

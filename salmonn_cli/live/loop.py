@@ -123,6 +123,7 @@ class LiveHooks:
     on_warning: Callable[[str], None] = lambda message: None
     on_audio: Callable[[np.ndarray], None] = lambda samples: None
     on_status: Callable[[LiveSummary], None] = lambda status: None
+    on_start: Callable[[], None] = lambda: None  # capture has started: from now on every sample is heard
 
 
 @dataclass
@@ -301,6 +302,7 @@ def run_live(source, segmenter, answer: Callable[[np.ndarray], str], config: Liv
     capture = _Capture(source, segmenter, worker, hooks)
     worker.start()
     source.start()
+    hooks.on_start()
     try:
         capture.run()
         worker.finish()
