@@ -36,9 +36,15 @@ _RANDOM = Path("<random weights>")  # what attach_lora would name in an error me
 
 
 def build_model(
-    shape: ModelShape, spec: QuantSpec, device: torch.device, *, llm_dtype: torch.dtype | None = None
+    shape: ModelShape,
+    spec: QuantSpec,
+    device: torch.device,
+    *,
+    llm_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
 ) -> SalmonnModel:
-    """A `SalmonnModel` of `shape` on `device`: encoders in load_model's dtype, the LLM quantised under `spec`.
+    """A `SalmonnModel` of `shape` on `device`: encoders in `dtype` (default load_model's), the LLM quantised under
+    `spec`.
 
     llm_dtype: the LLM's (unquantised parts' and activations') dtype; default load_model's (`quantize.llm_dtype`).
     """
@@ -48,7 +54,7 @@ def build_model(
     from salmonn_cli.model.salmonn import SalmonnModel, SalmonnSettings
     from salmonn_cli.model_file import ModelSettings
 
-    dtype = torch.float16 if device.type == "cuda" else torch.float32  # as load_model: fp16 encoders on GPU
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)  # as load_model's default
     llm_quantization_config(spec, device.type)  # as load_model: a missing backend fails now; quiets bitsandbytes
     whisper, extractor = build_whisper(shape, device, dtype)
     published = ModelSettings()

@@ -31,7 +31,8 @@ def make_model(request: dict, device) -> tuple[Any, str]:
         from .shapes import SHAPES
 
         llm_dtype = None if request["llm_dtype"] == "auto" else getattr(torch, request["llm_dtype"])
-        return build_model(SHAPES[request["shape"]], spec, device, llm_dtype=llm_dtype), request["shape"]
+        dtype = None if request.get("dtype", "auto") == "auto" else getattr(torch, request["dtype"])
+        return build_model(SHAPES[request["shape"]], spec, device, llm_dtype=llm_dtype, dtype=dtype), request["shape"]
     from salmonn_cli.hub import resolve_components
     from salmonn_cli.loading import load_model
     from salmonn_cli.model_file import ROLES, load_model_spec, with_local_components

@@ -6,6 +6,7 @@ JSON and the table. Every timed value runs `warmup` untimed times, then `repeat`
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -164,6 +165,7 @@ def _decode(bench: Bench, num_beams: int) -> dict:
         "step_s": Stat.of(steps),  # one decode step: a token for each of the `num_beams` beams
         "tokens_per_s": 1 / statistics.median(steps),
         "cuda_graphs": engine_for(model.llm).capture,
+        **bandwidth_share(1 / statistics.median(steps), model.llm, str(model.device)),
     }
     engine = engine_for(model.llm)
     if engine.capture:
@@ -175,6 +177,40 @@ def _decode(bench: Bench, num_beams: int) -> dict:
         result["eager_step_s"] = Stat.of(eager)
         result["eager_tokens_per_s"] = 1 / statistics.median(eager)
     return result
+
+
+BANDWIDTH_PROBE_BYTES = 512 << 20  # far past any cache: a reduction over it reads memory, not cache
+
+
+@functools.lru_cache(maxsize=4)
+def read_bandwidth(device: str) -> float:
+    """Bytes per second this device reads, measured: the median of 5 sums over one 512 MiB float32 tensor (after a
+    warm-up sum). The bound a bandwidth-limited decode step meets: all of the LLM's weights read once per step."""
+    probe = torch.ones(BANDWIDTH_PROBE_BYTES // 4, dtype=torch.float32, device=device)
+    runs = []
+    for i in range(6):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        float(probe.sum())  # float(): waits for the result, on any device
+        if i:
+            runs.append(time.perf_counter() - start)
+    del probe
+    return BANDWIDTH_PROBE_BYTES / statistics.median(runs)
+
+
+def weight_bytes_read_per_step(llm) -> int:
+    """Bytes of the LLM a decode step reads: every weight once (the beams share the read), less the token table,
+    of which a step reads one row per beam."""
+    from .memory import module_bytes, tensor_bytes
+
+    return module_bytes(llm) - tensor_bytes(llm.get_input_embeddings().weight)
+
+
+def bandwidth_share(steps_per_s: float, llm, device: str) -> dict:
+    """P9: decode steps/s x bytes read per step / measured read bandwidth (1.0 = the memory bound reached)."""
+    read, bandwidth = weight_bytes_read_per_step(llm), read_bandwidth(device)
+    return {"bytes_per_step": read, "read_bandwidth_gb_s": bandwidth / 1e9, "p9": steps_per_s * read / bandwidth}
 
 
 def measure_decode(bench: Bench) -> dict:

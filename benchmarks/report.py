@@ -22,6 +22,8 @@ _SUMMARY: tuple[tuple[str, Any], ...] = (
     ("TTFT s", lambda r: _median(r, "first_token", "first_token_s")),
     ("greedy tok/s", lambda r: _num((r.get("decode") or {}).get("tokens_per_s"), 2)),
     ("greedy eager tok/s", lambda r: _num((r.get("decode") or {}).get("eager_tokens_per_s"), 2)),
+    ("read GB/s", lambda r: _num((r.get("decode") or {}).get("read_bandwidth_gb_s"), 1)),
+    ("P9 (greedy, share of bandwidth)", lambda r: _num((r.get("decode") or {}).get("p9"), 2)),
     ("beam-4 steps/s", lambda r: _num((r.get("decode_beams") or {}).get("tokens_per_s"), 2)),
     ("beam-4 eager steps/s", lambda r: _num((r.get("decode_beams") or {}).get("eager_tokens_per_s"), 2)),
     ("ask s", lambda r: _median(r, "ask", "total_s")),

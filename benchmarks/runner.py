@@ -69,24 +69,24 @@ def configurations(quants: list[str], backends: list[str], devices: list[str]) -
 
 
 def host_estimate_bytes(args: argparse.Namespace, config: BenchConfig) -> int | None:
-    """Host memory a CPU run needs (quantize.memory), or None when unknown (a GPU run keeps weights there)."""
-    from quantize.memory import estimate_memory
+    """Host memory a CPU run needs (quantize.memory's one estimate, with the dtypes load_model runs in and the
+    LLM in --llm-dtype when given), or None when unknown (a GPU run keeps weights there)."""
+    from quantize.memory import Placement, estimate_for, resolve_dtype
 
     if not config.device.startswith("cpu") or not args.shape or args.model:
         return None
     shape = SHAPES[args.shape]
     params = shape.params()  # counted on the meta device
-    full = 2 if (config.quant == "4bit" and config.backend == "quanto") else 4  # load_model's CPU dtypes
-    return estimate_memory(
+    placement = Placement("cpu", resolve_dtype(args.dtype, "cpu"), config.quant,
+                          config.backend if config.quant != "none" else "none",
+                          llm=None if args.llm_dtype == "auto" else args.llm_dtype)  # fmt: skip
+    return estimate_for(
         params["llm"],
         params["whisper"] + params["beats"] + params["connector"],
-        config.quant,
+        placement,
         hidden=shape.llm.hidden,
         layers=shape.llm.layers,
-        vocab=shape.llm.vocab,
-        full_bytes=full,
-        encoder_bytes=4,
-        context_tokens=4 * (120 + args.new_tokens),  # 4 beams x (audio + prompt + answer)
+        vocab=shape.llm.vocab,  # the CLI's default context (2048 positions), so its verdicts are the CLI's
     ).total_bytes
 
 
@@ -105,6 +105,7 @@ def run_config(args: argparse.Namespace, config: BenchConfig, workdir: Path) -> 
         "model_file": args.model,
         "paths": {role: getattr(args, role) for role in ROLES},
         "llm_dtype": args.llm_dtype,
+        "dtype": args.dtype,
         "quant": config.quant,
         "backend": "auto" if config.backend == "none" else config.backend,
         "device": config.device,
@@ -243,6 +244,12 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         default="auto",
         help="a shape's LLM dtype; auto = what load_model uses (quantize.llm_dtype)",
     )
+    ap.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        default="auto",
+        help="the encoders' dtype (and an unquantised LLM's, unless --llm-dtype); auto = load_model's",
+    )
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--markdown", action="store_true", help="also print the summary as a markdown table")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per measurement")
@@ -288,6 +295,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "machine": machine(),
         "options": asdict(options_of(args)),
         "options_text": f"repeat {args.repeat}, warm-up {args.warmup}, {args.new_tokens} new tokens"
+        + ("" if args.dtype == "auto" else f", --dtype {args.dtype}")
         + ("" if args.llm_dtype == "auto" else f", LLM in {args.llm_dtype}"),
         "skip": sorted(args.skip),
         "cli_help_s": None if "help" in args.skip else time_cli_help(args),

@@ -13,7 +13,7 @@ from .backends import (
     quiet_bitsandbytes,
     resolve_backend,
 )
-from .memory import MemoryEstimate, choose_cpu_mode, choose_mode, estimate_memory
+from .memory import MemoryEstimate, Placement, choose_placement, estimate_for, estimate_memory, placements
 from .spec import BACKENDS, MODES, QuantizationError, QuantSpec
 
 __all__ = [
@@ -28,8 +28,10 @@ __all__ = [
     "resolve_backend",
     "MemoryEstimate",
     "estimate_memory",
-    "choose_mode",
-    "choose_cpu_mode",
+    "estimate_for",
+    "Placement",
+    "placements",
+    "choose_placement",
     "MODES",
     "BACKENDS",
 ]

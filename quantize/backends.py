@@ -87,21 +87,15 @@ def resolve_backend(spec: QuantSpec | str | None, device_type: str) -> str | Non
 
 
 def llm_dtype(spec: QuantSpec | str | None, device_type: str, dtype: "torch.dtype") -> "torch.dtype":
-    """The dtype to load the LLM in under `spec`: `dtype`, except quanto on CPU and torchao int4: bfloat16.
-
-    Why: quanto's fast CPU kernels take bfloat16 activations only (TinyGemm for int4, torch's int8pack matmul for
-    int8); with float32 every weight is dequantised on every call. Measured on 2 cores: int4 1.6 vs 6.5 tok/s on a
-    0.2 B LLaMA; int8 0.06 vs 3.10 tok/s on the 7B shape (`scripts/bench.py`).
-    """
+    """The torch dtype to load the LLM in under `spec` (the rule and its reasons: `memory.llm_run_dtype`)."""
     import torch
 
+    from .memory import llm_run_dtype
+
     spec = QuantSpec.parse(spec)
-    backend = spec.backend_for(device_type) if spec.enabled else None
-    if backend == "quanto" and device_type == "cpu":
-        return torch.bfloat16 if dtype == torch.float32 else dtype
-    if backend == "torchao" and spec.mode == "4bit":
-        return torch.bfloat16  # tinygemm packs bfloat16 weights and multiplies bfloat16 activations
-    return dtype
+    backend = spec.backend_for(device_type) if spec.enabled else "none"
+    name = str(dtype).removeprefix("torch.")
+    return getattr(torch, llm_run_dtype(spec.mode, backend, device_type, name))
 
 
 def llm_quantization_config(spec: QuantSpec | str | None, device_type: str, compute_dtype=None):

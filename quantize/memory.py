@@ -1,6 +1,7 @@
 """How much memory a model needs under each quantisation, and which mode `--quant auto` picks.
 
-One estimate shared by `doctor` / `models` and `auto`, so what they print and what they choose agree.
+One estimate (`estimate_for` a `Placement`: device, dtypes, mode, library) shared by `doctor`, `models`,
+`--quant auto`, the refusal of a mode that cannot fit and the benchmark, so what they print and choose agree.
 Calibrated against the published weight sizes: Vicuna-13B fp16 26 GB, LLM.int8 13.3 GB, NF4 ~7.2 GB;
 Vicuna-7B 13.5 / 7.0 / ~3.9 GB (GB = 10^9 bytes). Pure arithmetic: imports nothing heavy.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .spec import MODES, QuantizationError
+from .spec import MODES, QuantizationError, QuantSpec
 
 GIB = 1024**3
 LLAMA_VOCAB = 32_000
@@ -94,33 +95,92 @@ def estimate_memory(
     return MemoryEstimate(mode, weights, encoders, kv_cache, overhead)
 
 
-def choose_mode(
-    free_bytes: int, llm_params: int, encoder_params: int, *, margin: float = 0.10, **estimate_kwargs
-) -> str:
-    """`--quant auto` on a GPU: the most precise mode whose estimate, plus `margin`, fits in `free_bytes`.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPES: tuple[str, ...] = ("auto", *DTYPE_BYTES)
+CPU_DTYPE = "float32"  # `--dtype auto` on a CPU: the reference-parity dtype (see the README's CPU table)
+AUTO_MARGIN = 0.10  # `--quant auto` leaves this share of the budget free; an explicit mode is refused only past it all
 
-    "4bit" when nothing fits: it is the smallest there is, and the caller warns that it may not fit.
+
+def resolve_dtype(dtype: str, device_type: str) -> str:
+    """`--dtype`'s value -> the dtype the encoders (and an unquantised LLM) run in: auto = float16 on CUDA,
+    CPU_DTYPE elsewhere."""
+    if dtype not in DTYPES:
+        raise QuantizationError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return dtype
+    return "float16" if device_type == "cuda" else CPU_DTYPE
+
+
+def llm_run_dtype(mode: str, backend: str, device_type: str, dtype: str) -> str:
+    """The dtype the LLM runs in: `dtype`, except quanto on CPU and torchao int4, which run in bfloat16.
+
+    Why: quanto's fast CPU kernels take bfloat16 activations only (TinyGemm for int4, torch's int8pack matmul for
+    int8); with float32 every weight is dequantised on every call. Measured on 2 cores: int4 1.6 vs 6.5 tok/s on a
+    0.2 B LLaMA; int8 0.06 vs 3.10 tok/s on the 7B shape (`scripts/bench.py`). torchao's tinygemm packs bfloat16.
     """
-    for mode in MODES:  # most precise first
-        needed = estimate_memory(llm_params, encoder_params, mode, **estimate_kwargs).total_bytes
-        if needed * (1 + margin) <= free_bytes:
-            return mode
-    return "4bit"
+    if mode != "none" and backend == "quanto" and device_type == "cpu":
+        return "bfloat16" if dtype == "float32" else dtype
+    if mode == "4bit" and backend == "torchao":
+        return "bfloat16"
+    return dtype
 
 
-def choose_cpu_mode(available_host_bytes: int, llm_params: int, encoder_params: int, *, margin: float = 0.10) -> str:
-    """`--quant auto` on CPU: full precision (float32) when it fits in host memory, else 8bit, else 4bit.
+@dataclass(frozen=True)
+class Placement:
+    """How a model is to run: the kind of device, the dtype of the encoders (and of an unquantised LLM), and the
+    LLM's quantisation with the library that applies it ("none" when unquantised)."""
 
-    Why not prefer quanto int8 for speed: the claim that it decodes ~1.8x faster than bf16 did not hold with
-    torch 2.13 (0.2 B LLaMA, 2 cores: fp32 22.9, bf16 30.4, quanto int8 13.8, int4 6.5 tok/s), so on CPU
-    quantisation only buys memory, and is chosen only when memory asks for it. Precision is kept when it fits.
-    """
-    for mode in MODES:
-        full = 4 if mode == "none" else 2  # the dtype load_model runs the LLM in on CPU (quanto: bf16)
-        needed = estimate_memory(llm_params, encoder_params, mode, full_bytes=full, encoder_bytes=4).total_bytes
-        if needed * (1 + margin) <= available_host_bytes:
-            return mode
-    return "4bit"
+    device_type: str
+    dtype: str
+    mode: str = "none"
+    backend: str = "none"
+    llm: str | None = None  # the LLM's dtype when set apart from the rule (the benchmark's --llm-dtype)
+
+    @property
+    def llm_dtype(self) -> str:
+        return self.llm or llm_run_dtype(self.mode, self.backend, self.device_type, self.dtype)
+
+    def describe(self) -> str:
+        """`--quant 4bit (quanto; LLM in bfloat16, encoders in float32)`: what the estimate is of."""
+        quant = "--quant none" if self.mode == "none" else f"--quant {self.mode} ({self.backend})"
+        if self.llm_dtype == self.dtype:
+            return f"{quant} in {self.dtype}"
+        return f"{quant}, the LLM in {self.llm_dtype} and the encoders in {self.dtype}"
+
+
+# `--quant auto`'s order of preference: on a GPU the most precise mode that fits; on a CPU the same for now
+AUTO_ORDER = {"cuda": MODES, "cpu": MODES}
+
+
+def placements(device_type: str, dtype: str = "auto", backend: str = "auto") -> list[Placement]:
+    """Every mode as it would run on `device_type` with `--dtype dtype --quant-backend backend`, in `--quant
+    auto`'s order of preference."""
+    resolved = resolve_dtype(dtype, device_type)
+    found = []
+    for mode in AUTO_ORDER.get(device_type, AUTO_ORDER["cpu"]):
+        library = QuantSpec(mode, backend).backend_for(device_type) if mode != "none" else "none"
+        found.append(Placement(device_type, resolved, mode, library))
+    return found
+
+
+def estimate_for(llm_params: int, encoder_params: int, placement: Placement, **shape_kwargs) -> MemoryEstimate:
+    """The memory of one model run as `placement` says: the one estimate doctor, models, `--quant auto`, the
+    refusal of a mode that cannot fit, and the benchmark all use. `shape_kwargs`: context_tokens, hidden,
+    layers, vocab (see estimate_memory)."""
+    return estimate_memory(llm_params, encoder_params, placement.mode, full_bytes=DTYPE_BYTES[placement.llm_dtype],
+                           encoder_bytes=DTYPE_BYTES[placement.dtype], **shape_kwargs)  # fmt: skip
+
+
+def choose_placement(
+    budget_bytes: int, llm_params: int, encoder_params: int, candidates: list[Placement], **shape_kwargs
+) -> Placement:
+    """`--quant auto`: the first of `candidates` (in order of preference) whose estimate, plus AUTO_MARGIN, fits in
+    `budget_bytes`; the last (the smallest) when none does, and the caller warns that it may not fit."""
+    for placement in candidates:
+        needed = estimate_for(llm_params, encoder_params, placement, **shape_kwargs).total_bytes
+        if needed * (1 + AUTO_MARGIN) <= budget_bytes:
+            return placement
+    return candidates[-1]
 
 
 def available_host_bytes() -> int:

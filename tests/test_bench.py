@@ -55,6 +55,10 @@ def test_bench_tiny_writes_every_field(tmp_path):
         assert decode["tokens"] == 4 and decode["num_beams"] == beams and decode["tokens_per_s"] > 0
         for stat in ("one_token_s", "all_tokens_s", "step_s"):
             _positive_stat(decode[stat], 1)
+        # P9: steps/s x the LLM's weights but the token table (read once a step) / the bandwidth measured
+        assert 0 < decode["bytes_per_step"] < memory["llm_bytes"] and decode["read_bandwidth_gb_s"] > 0.1
+        expected = decode["tokens_per_s"] * decode["bytes_per_step"] / (decode["read_bandwidth_gb_s"] * 1e9)
+        assert decode["p9"] == pytest.approx(expected, rel=1e-6)
     _positive_stat(run["ask"]["first_token_s"], 1)
     _positive_stat(run["ask"]["total_s"], 1)
 

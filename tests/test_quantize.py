@@ -12,7 +12,7 @@ from torch import nn
 
 import quantize
 from quantize import QuantizationError, QuantSpec, llm_dtype, llm_quantization_config
-from quantize.memory import GIB, choose_cpu_mode, choose_mode, estimate_memory
+from quantize.memory import AUTO_MARGIN, GIB, choose_placement, estimate_for, estimate_memory, placements
 from salmonn_cli.errors import DependencyError, UsageError
 from salmonn_cli.llm import lora_scales
 from tests.test_model import load, make_tiny
@@ -214,16 +214,55 @@ def test_estimate_adds_fp16_encoders_cache_and_overhead():
 
 
 @pytest.mark.parametrize("expected", ["none", "8bit", "4bit"])
-def test_choose_mode_takes_the_most_precise_that_fits_with_margin(expected):
-    needed = estimate_memory(VICUNA_13B, ENCODERS, expected).total_bytes
-    exact = int(needed * 1.1) + 1
-    assert choose_mode(exact, VICUNA_13B, ENCODERS) == expected
+def test_auto_takes_the_first_placement_that_fits_with_its_margin(expected):
+    gpu = placements("cuda", backend="bitsandbytes")
+    needed = estimate_for(VICUNA_13B, ENCODERS, next(p for p in gpu if p.mode == expected)).total_bytes
+    exact = int(needed * (1 + AUTO_MARGIN)) + 1
+    assert choose_placement(exact, VICUNA_13B, ENCODERS, gpu).mode == expected
     less = {"none": "8bit", "8bit": "4bit", "4bit": "4bit"}[expected]  # nothing fits -> 4bit; the caller warns
-    assert choose_mode(int(needed * 1.09), VICUNA_13B, ENCODERS) == less
+    assert choose_placement(int(needed * 1.09), VICUNA_13B, ENCODERS, gpu).mode == less
 
 
-def test_choose_cpu_mode_keeps_precision_when_host_memory_allows():
-    assert choose_cpu_mode(256 * GIB, VICUNA_13B, ENCODERS) == "none"
-    assert choose_cpu_mode(32 * GIB, VICUNA_13B, ENCODERS) == "8bit"
-    assert choose_cpu_mode(16 * GIB, VICUNA_13B, ENCODERS) == "4bit"
-    assert choose_cpu_mode(4 * GIB, VICUNA_13B, ENCODERS) == "4bit"
+def test_the_estimate_knows_the_dtype_each_mode_runs_in_on_each_device():
+    cpu = {p.mode: p for p in placements("cpu")}
+    assert [p.llm_dtype for p in cpu.values()] == ["float32", "bfloat16", "bfloat16"]  # quanto's kernels take bf16
+    assert {p.dtype for p in cpu.values()} == {"float32"} and {p.backend for p in cpu.values()} == {"none", "quanto"}
+    assert {p.llm_dtype for p in placements("cuda", backend="bitsandbytes")} == {"float16"}
+    assert placements("cuda", backend="torchao")[2].llm_dtype == "bfloat16"  # tinygemm packs bf16
+    fp32 = estimate_for(VICUNA_7B, ENCODERS, cpu["none"])
+    bf16 = estimate_for(VICUNA_7B, ENCODERS, placements("cpu", "bfloat16")[0])
+    assert fp32.weights_bytes / 1e9 == pytest.approx(27.0, rel=0.05)  # Vicuna-7B in float32
+    assert bf16.weights_bytes / 1e9 == pytest.approx(13.5, rel=0.05) and bf16.encoders_bytes * 2 == fp32.encoders_bytes
+    with pytest.raises(QuantizationError):
+        placements("cpu", "float8")
+
+
+@pytest.mark.parametrize("budget_gib", [6, 9, 12, 20, 22.9, 40, 64])
+def test_doctor_auto_the_refusal_and_the_benchmark_agree_on_one_machine(budget_gib, monkeypatch):
+    """One CPU machine with `budget_gib` of available memory, fed to all four: doctor's "fits" line, `--quant
+    auto`'s choice, the refusal of an explicit mode, and the benchmark's skip of a configuration."""
+    import torch
+
+    from benchmarks.runner import BenchConfig, host_estimate_bytes, parse_args
+    from salmonn_cli.cli import info, quant
+    from salmonn_cli.errors import OutOfMemoryError
+    from salmonn_cli.model_file import load_model_spec
+
+    budget = int(budget_gib * GIB)
+    monkeypatch.setattr(quant, "memory_budget", lambda device_type: quant.MemoryBudget(budget, "available host memory"))
+    spec, cpu = load_model_spec("salmonn-7b"), torch.device("cpu")
+    fits = info.fits_here(budget, "cpu")["salmonn-7b"]  # what doctor prints
+    auto = quant.pick_quantization("auto", "auto", spec, cpu).spec.mode
+    assert fits[auto] or not any(fits.values()), (fits, auto)
+    for mode in ("none", "8bit", "4bit"):
+        try:
+            quant.pick_quantization(mode, "auto", spec, cpu)
+            refused = False
+        except OutOfMemoryError as exc:
+            refused = True
+            assert "needs ~" in str(exc) and ("fits" in str(exc) or "no mode fits" in str(exc))
+        assert refused == (not fits[mode]), (mode, fits)
+        bench = host_estimate_bytes(
+            parse_args(["--shape", "salmonn-7b"]), BenchConfig(mode, "quanto" if mode != "none" else "none", "cpu")
+        )
+        assert (bench <= budget) == fits[mode], (mode, bench / GIB, fits)

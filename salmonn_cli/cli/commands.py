@@ -17,6 +17,7 @@ from .options import (
     CheckpointOpt,
     DecodeChoice,
     DeviceOpt,
+    DtypeOpt,
     ForceOpt,
     FormatOpt,
     GlobOpt,
@@ -51,6 +52,7 @@ MODEL_OPTIONS: dict[str, tuple[object, object]] = {
     "quant": (QuantOpt, _MODEL.quant),
     "quant_backend": (QuantBackendOpt, _MODEL.quant_backend),
     "device": (DeviceOpt, _MODEL.device),
+    "dtype": (DtypeOpt, _MODEL.dtype),
     "offline": (OfflineOpt, _MODEL.offline),
 }
 _DECODE = DecodeOptions()

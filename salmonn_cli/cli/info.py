@@ -18,12 +18,24 @@ from .options import FormatOpt, ModelOpt, OfflineOpt
 from .runner import stderr
 
 
-def _estimates(spec) -> dict[str, float]:
-    """GPU memory (GiB) each quantisation needs for this model: LLM + encoders in fp16 + cache and overhead."""
-    from quantize.memory import estimate_memory
+def _estimates(spec, device_type: str = "cuda") -> dict[str, float]:
+    """GiB each quantisation needs for this model on `device_type`, as `--quant auto` would run it there (on a GPU:
+    LLM and encoders in float16; on a CPU: see quantize.memory), cache and overhead included."""
+    from quantize.memory import estimate_for, placements
 
     sizes = spec.sizes
-    return {mode: round(estimate_memory(sizes.llm_params, sizes.encoder_params, mode).total_gib, 1) for mode in MODES}
+    return {p.mode: round(estimate_for(sizes.llm_params, sizes.encoder_params, p).total_gib, 2)
+            for p in placements(device_type)}  # fmt: skip
+
+
+def fits_here(budget_bytes: int, device_type: str) -> dict[str, dict[str, bool]]:
+    """For each built-in model, which modes fit in `budget_bytes` on `device_type` (what doctor prints)."""
+    from ..model_file import builtin_models, load_model_spec
+
+    return {
+        name: {mode: gib * GIB <= budget_bytes for mode, gib in _estimates(load_model_spec(name), device_type).items()}
+        for name in builtin_models()
+    }
 
 
 def download(model: ModelOpt = BUILTIN_DEFAULT, offline: OfflineOpt = False) -> None:
@@ -41,7 +53,7 @@ def download(model: ModelOpt = BUILTIN_DEFAULT, offline: OfflineOpt = False) -> 
 
 
 def models(fmt: FormatOpt = "text") -> None:
-    """List the known models: which are downloaded, their size on disk, and the GPU memory each mode needs."""
+    """List the known models: which are downloaded, their size on disk, and the memory each mode needs (GiB)."""
     from ..hub import cache_status
     from ..model_file import builtin_models, load_model_spec
 
@@ -55,21 +67,21 @@ def models(fmt: FormatOpt = "text") -> None:
             "cached_components": sum(s.cached for s in status),
             "components": len(status),
             "size_on_disk_bytes": sum(s.size_bytes for s in status),
-            "gpu_memory_gib": _estimates(spec),
+            "gpu_memory_gib": _estimates(spec, "cuda"),
+            "host_memory_gib": _estimates(spec, "cpu"),  # a CPU run, --dtype auto
         })  # fmt: skip
     if fmt == "json":
         print(json.dumps(rows))
         return
-    table = Table(title="SALMONN models (GPU memory: LLM + fp16 encoders + KV cache)")
-    for column in ("model", "downloaded", "on disk", "fp16", "8bit", "4bit"):
+    table = Table(title="SALMONN models (memory: LLM + encoders + KV cache, as --dtype auto runs)")
+    for column in ("model", "downloaded", "on disk", f"GPU GiB {'/'.join(MODES)}", f"CPU GiB {'/'.join(MODES)}"):
         table.add_column(column)
     for row in rows:
-        mem = row["gpu_memory_gib"]
         table.add_row(
             row["name"],
             f"{row['cached_components']}/{row['components']}",
             f"{row['size_on_disk_bytes'] / GIB:.1f} GiB",
-            *(f"{mem[m]:.1f} GiB" for m in MODES),
+            *(" / ".join(f"{row[key][m]:.1f}" for m in MODES) for key in ("gpu_memory_gib", "host_memory_gib")),
         )
     Console().print(table)
 
@@ -106,15 +118,12 @@ def doctor(fmt: FormatOpt = "text") -> None:
     import torch
     from huggingface_hub import constants
 
-    from quantize.memory import available_host_bytes
-
     from ..hub import is_offline
-    from ..model_file import builtin_models, load_model_spec
+    from .quant import memory_budget
 
     gpus = _gpus()
-    budget, where = (
-        (max(g["free_bytes"] for g in gpus), "free GPU memory") if gpus else (available_host_bytes(), "host RAM")
-    )
+    device_type = "cuda" if gpus else "cpu"
+    budget = memory_budget(device_type)
     report = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -129,11 +138,9 @@ def doctor(fmt: FormatOpt = "text") -> None:
         "portaudio": _portaudio(),
         "hf_cache": str(constants.HF_HUB_CACHE),
         "offline": is_offline(False),
-        "memory_budget_bytes": budget,
-        "memory_budget_source": where,
-        "fits": {
-            n: {m: gib * GIB <= budget for m, gib in _estimates(load_model_spec(n)).items()} for n in builtin_models()
-        },
+        "memory_budget_bytes": budget.bytes,
+        "memory_budget_source": budget.source,
+        "fits": fits_here(budget.bytes, device_type),
     }
     if fmt == "json":
         print(json.dumps(report))

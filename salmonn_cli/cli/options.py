@@ -34,7 +34,10 @@ CheckpointOpt = Annotated[
 QuantOpt = Annotated[
     str,
     typer.Option(
-        "--quant", "-q", help="LLM weights: auto, 4bit, 8bit or none (encoders stay fp16).", rich_help_panel=MODEL_PANEL
+        "--quant",
+        "-q",
+        help="LLM weights: auto, 4bit, 8bit or none (the encoders are never quantised).",
+        rich_help_panel=MODEL_PANEL,
     ),
 ]
 QuantBackendOpt = Annotated[
@@ -47,6 +50,15 @@ QuantBackendOpt = Annotated[
 ]
 DeviceOpt = Annotated[
     str, typer.Option("--device", "-d", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL_PANEL)
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="auto, float32, bfloat16 or float16: the encoders and an unquantised LLM (auto: float16 on CUDA, float32"
+        " on CPU, the reference-parity dtype; quantised LLMs on CPU run in bfloat16).",
+        rich_help_panel=MODEL_PANEL,
+    ),
 ]
 OfflineOpt = Annotated[
     bool,
@@ -163,6 +175,7 @@ class ModelChoice:
     quant: str = "auto"
     quant_backend: str = "auto"
     device: str = "auto"
+    dtype: str = "auto"
     offline: bool = False
 
 

@@ -1,52 +1,114 @@
-"""`--quant` / `--quant-backend` -> the QuantSpec to load with (`auto` decides from the memory there is)."""
+"""`--quant` / `--quant-backend` / `--dtype` -> how the model is loaded, checked against the memory there is.
+
+`auto` picks from free GPU memory (CUDA) or available host memory (CPU); an explicit mode whose estimate does
+not fit is refused here, before anything loads, with what would fit. The estimate is `quantize.memory`'s, the
+same that `doctor`, `models` and the benchmark print.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import UsageError
+from ..errors import OutOfMemoryError, UsageError
 
 if TYPE_CHECKING:
     from quantize import QuantSpec
+    from quantize.memory import Placement
 
     from ..model_file import ModelSpec
+
+GIB = 1024**3
 
 
 @dataclass(frozen=True)
 class QuantChoice:
-    """The quantisation chosen for a run and the backend that will apply it."""
+    """The quantisation chosen for a run, the backend that will apply it and the dtypes it runs in."""
 
     spec: QuantSpec
     backend: str
+    placement: Placement
 
     def describe(self) -> str:
-        if not self.spec.enabled:
-            return "none"
-        return f"{self.spec.mode} ({self.backend})"
+        """`none` or `4bit (quanto)`: the `quantization` of a result record."""
+        return "none" if not self.spec.enabled else f"{self.spec.mode} ({self.backend})"
+
+    @property
+    def dtype(self) -> str:
+        """The encoders' dtype (and an unquantised LLM's); quantised LLMs may run in another (`placement`)."""
+        return self.placement.dtype
 
 
-def pick_quantization(quant: str, backend: str, model_spec: ModelSpec, device) -> QuantChoice:
-    """Resolve `auto` from free GPU memory (CUDA) or host memory (CPU) and the model's size; validate the rest."""
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What a model may take on the device it runs on: free GPU memory, or available host memory."""
+
+    bytes: int
+    source: str  # "free GPU memory" | "available host memory"
+
+
+def memory_budget(device_type: str) -> MemoryBudget:
+    """The budget `--quant auto` and `doctor` measure against."""
+    from quantize.memory import available_host_bytes
+
+    if device_type == "cuda":
+        import torch
+
+        free_bytes, _ = torch.cuda.mem_get_info()
+        return MemoryBudget(free_bytes, "free GPU memory")
+    return MemoryBudget(available_host_bytes(), "available host memory")
+
+
+def pick_quantization(quant: str, backend: str, model_spec: ModelSpec, device, dtype: str = "auto") -> QuantChoice:
+    """Resolve `auto` from the memory there is and the model's size; validate the rest; refuse what cannot fit."""
     from quantize import MODES, QuantizationError, QuantSpec
+    from quantize.memory import choose_placement, placements
 
     if quant != "auto" and quant not in MODES:
         raise UsageError(f"--quant must be auto, {', '.join(MODES)}; got {quant!r}")
-    mode = _auto_mode(model_spec, device) if quant == "auto" else quant
     try:
-        chosen = QuantSpec.parse(mode, backend=backend)
+        candidates = placements(device.type, dtype, backend)
     except QuantizationError as exc:
         raise UsageError(str(exc)) from None
-    return QuantChoice(chosen, chosen.backend_for(device.type))
+    sizes = model_spec.sizes
+    budget = memory_budget(device.type)
+    if quant == "auto":
+        placement = choose_placement(budget.bytes, sizes.llm_params, sizes.encoder_params, candidates)
+    else:
+        placement = next(p for p in candidates if p.mode == quant)
+        _refuse_if_it_cannot_fit(model_spec, placement, candidates, budget)
+    try:
+        chosen = QuantSpec.parse(placement.mode, backend=backend)
+    except QuantizationError as exc:
+        raise UsageError(str(exc)) from None
+    return QuantChoice(chosen, chosen.backend_for(device.type), placement)
 
 
-def _auto_mode(model_spec: ModelSpec, device) -> str:
-    from quantize.memory import available_host_bytes, choose_cpu_mode, choose_mode
+def _refuse_if_it_cannot_fit(model_spec: ModelSpec, placement: Placement, candidates: list[Placement],
+                             budget: MemoryBudget) -> None:  # fmt: skip
+    """An OutOfMemoryError (exit 6) naming what would fit, when `placement`'s estimate exceeds the whole budget."""
+    from quantize.memory import estimate_for, placements
 
     sizes = model_spec.sizes
-    if device.type == "cuda":
-        import torch
 
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-        return choose_mode(free_bytes, sizes.llm_params, sizes.encoder_params)
-    return choose_cpu_mode(available_host_bytes(), sizes.llm_params, sizes.encoder_params)
+    def gib(p: Placement) -> float:
+        return estimate_for(sizes.llm_params, sizes.encoder_params, p).total_bytes / GIB
+
+    if gib(placement) * GIB <= budget.bytes:
+        return
+    others = candidates + [p for p in placements(placement.device_type, "bfloat16") if p.dtype != placement.dtype]
+    fitting = [p for p in others if p != placement and gib(p) * GIB <= budget.bytes]
+    hint = ("; ".join(f"{_flags(p, placement)} (~{gib(p):.1f} GiB) fits" for p in fitting[:2])
+            or "no mode fits: try a smaller model (--model salmonn-7b) or free some memory")  # fmt: skip
+    raise OutOfMemoryError(
+        f"{model_spec.name} with {placement.describe()} needs ~{gib(placement):.1f} GiB, and {budget.source} is "
+        f"{budget.bytes / GIB:.1f} GiB: {hint}"
+    )
+
+
+def _flags(p: Placement, asked: Placement) -> str:
+    """The options that give placement `p` where `asked` was asked for."""
+    flags = [f"--quant {p.mode}"]
+    if p.dtype != asked.dtype:
+        flags.append(f"--dtype {p.dtype}")
+    return " ".join(flags)

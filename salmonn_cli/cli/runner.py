@@ -74,18 +74,21 @@ def open_model(choice: ModelChoice) -> LoadedModel:
     device = resolve_device(choice.device)
     if device.type == "cpu" and choice.device == "auto":
         warn("no CUDA GPU found: running on the CPU, which is slow")
-    quant = pick_quantization(choice.quant, choice.quant_backend, model_spec, device)
+    quant = pick_quantization(choice.quant, choice.quant_backend, model_spec, device, choice.dtype)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # our status line says what is loading
     started = time.perf_counter()
-    with stderr.status(f"Loading {model_spec.name} on {device} (LLM {quant.describe()})…"):
+    import torch
+
+    with stderr.status(f"Loading {model_spec.name} on {device} ({quant.placement.describe()})…"):
         model = load_model(
             paths.whisper,
             paths.beats,
             paths.llm,
             paths.checkpoint,
             device=device,
+            dtype=getattr(torch, quant.dtype),
             quantization=quant.spec,
             settings=model_spec.settings,
         )
