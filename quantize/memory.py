@@ -148,8 +148,13 @@ class Placement:
         return f"{quant}, the LLM in {self.llm_dtype} and the encoders in {self.dtype}"
 
 
-# `--quant auto`'s order of preference: on a GPU the most precise mode that fits; on a CPU the same for now
-AUTO_ORDER = {"cuda": MODES, "cpu": MODES}
+# `--quant auto`'s order of preference. On a GPU: the most precise mode that fits. On a CPU, the README's rule
+# on its table (the 7B shape measured in one run; cosines from benchmarks/precision.py): the fastest mode whose
+# first-step logits keep a cosine of at least CPU_MIN_COSINE to float32's on every reference case, else the fastest
+# that fits. quanto int8 (0.99993 or more) decodes faster than a bfloat16 or float32 LLM at real sizes, where a step
+# reads every weight; int4 is faster still but gives up more (0.987-0.992), so it is taken only when int8 cannot fit.
+CPU_MIN_COSINE = 0.9999
+AUTO_ORDER = {"cuda": MODES, "cpu": ("8bit", "none", "4bit")}
 
 
 def placements(device_type: str, dtype: str = "auto", backend: str = "auto") -> list[Placement]:

@@ -269,6 +269,8 @@ CASES = [
     Case("a component's file missing", OK, 4, "beats", model=_edit('"beats.pt"', '"gone.pt"')),
     Case("a missing model file", OK, 2, "none.toml does not exist", args=("What is this?", "--model", "/no/none.toml")),
     Case("a template without {}", OK, 4, "prompt_template", model=_edit('"USER: {}\\nASSISTANT:"', '"USER: hi"')),
+    Case("a mode that cannot fit anywhere", OK, 6, "needs ~", args=("What is this?", "--quant", "none"),
+         model=_edit("llm_params = 227136", "llm_params = 1_000_000_000_000")),
     # -- downloads
     Case("a Hub answer that is not JSON", _no_input, 4, "a malformed answer from the Hub", args=(), command="download",
          model=_hub_checkpoint(), hub="portal"),

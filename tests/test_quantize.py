@@ -266,3 +266,34 @@ def test_doctor_auto_the_refusal_and_the_benchmark_agree_on_one_machine(budget_g
             parse_args(["--shape", "salmonn-7b"]), BenchConfig(mode, "quanto" if mode != "none" else "none", "cpu")
         )
         assert (bench <= budget) == fits[mode], (mode, bench / GIB, fits)
+
+
+def test_auto_on_a_cpu_follows_the_readme_rule_and_says_when_quanto_is_missing(monkeypatch, capsys):
+    """int8 (the fastest mode within the cosine bound) wherever it fits, else int4; without optimum-quanto the
+    unquantised LLM, with a line saying what is missing."""
+    import torch
+
+    import quantize.backends
+    from quantize import MissingBackendError
+    from salmonn_cli.cli import quant
+    from salmonn_cli.model_file import load_model_spec
+
+    spec, cpu = load_model_spec("salmonn-7b"), torch.device("cpu")
+
+    def machine(gib: float) -> None:
+        monkeypatch.setattr(quant, "memory_budget", lambda device_type: quant.MemoryBudget(int(gib * GIB), "host"))
+
+    machine(256)
+    assert quant.pick_quantization("auto", "auto", spec, cpu).describe() == "8bit (quanto)"  # not float32
+    machine(10)
+    assert quant.pick_quantization("auto", "auto", spec, cpu).describe() == "4bit (quanto)"
+    assert capsys.readouterr().err == ""
+
+    def no_quanto(backend: str) -> None:
+        raise MissingBackendError(f"{backend} quantisation needs the optimum package")
+
+    monkeypatch.setattr(quantize.backends, "_require", no_quanto)
+    machine(256)
+    chosen = quant.pick_quantization("auto", "auto", spec, cpu)
+    assert chosen.describe() == "none" and chosen.dtype == "float32"
+    assert "quanto is not installed: pip install optimum-quanto" in capsys.readouterr().err

@@ -73,7 +73,9 @@ def pick_quantization(quant: str, backend: str, model_spec: ModelSpec, device, d
     sizes = model_spec.sizes
     budget = memory_budget(device.type)
     if quant == "auto":
-        placement = choose_placement(budget.bytes, sizes.llm_params, sizes.encoder_params, candidates)
+        usable = _installed(candidates)
+        placement = choose_placement(budget.bytes, sizes.llm_params, sizes.encoder_params, usable)
+        _warn_if_auto_fell_short(model_spec, placement, candidates, usable, budget)
     else:
         placement = next(p for p in candidates if p.mode == quant)
         _refuse_if_it_cannot_fit(model_spec, placement, candidates, budget)
@@ -82,6 +84,37 @@ def pick_quantization(quant: str, backend: str, model_spec: ModelSpec, device, d
     except QuantizationError as exc:
         raise UsageError(str(exc)) from None
     return QuantChoice(chosen, chosen.backend_for(device.type), placement)
+
+
+def _installed(candidates: list[Placement]) -> list[Placement]:
+    """The candidates whose quantisation library is installed (an unquantised one always is)."""
+    from quantize import MissingBackendError, QuantizationError, resolve_backend
+
+    usable = []
+    for placement in candidates:
+        try:
+            resolve_backend(placement.mode, placement.device_type)
+        except (MissingBackendError, QuantizationError):
+            continue
+        usable.append(placement)
+    return usable
+
+
+def _warn_if_auto_fell_short(model_spec: ModelSpec, placement: Placement, candidates: list[Placement],
+                             usable: list[Placement], budget: MemoryBudget) -> None:  # fmt: skip
+    """Say so when `auto` took less than its first choice for want of a library, or took what may not fit."""
+    from quantize.memory import estimate_for
+
+    from .runner import warn
+
+    preferred = candidates[0]
+    if preferred not in usable and placement != preferred:
+        warn(f"--quant auto would run {preferred.describe()} here, but {preferred.backend} is not installed: "
+             "pip install optimum-quanto (or 'salmonn[cpu]')")  # fmt: skip
+    needed = estimate_for(model_spec.sizes.llm_params, model_spec.sizes.encoder_params, placement).total_bytes
+    if needed > budget.bytes:
+        warn(f"{model_spec.name} may not fit: {placement.describe()} needs ~{needed / GIB:.1f} GiB, and "
+             f"{budget.source} is {budget.bytes / GIB:.1f} GiB")  # fmt: skip
 
 
 def _refuse_if_it_cannot_fit(model_spec: ModelSpec, placement: Placement, candidates: list[Placement],

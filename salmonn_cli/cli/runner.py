@@ -49,32 +49,42 @@ def warn(message: str) -> None:
     stderr.print(f"[yellow]salmonn: warning:[/] {message}")
 
 
-def resolve_model(choice: ModelChoice):
-    """(the model file's `ModelSpec` with the user's local components, `ComponentPaths` of all four): what is
-    missing is downloaded unless offline (--offline, HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
-    from ..hub import resolve_components
+def model_spec_of(choice: ModelChoice):
+    """The model file's `ModelSpec` with the user's local components."""
     from ..model_file import load_model_spec, with_local_components
 
-    spec = with_local_components(
+    return with_local_components(
         load_model_spec(choice.model),
         whisper=choice.whisper,
         beats=choice.beats,
         llm=choice.llm,
         checkpoint=choice.checkpoint,
     )
+
+
+def resolve_model(choice: ModelChoice):
+    """(`model_spec_of(choice)`, `ComponentPaths` of all four): what is missing is downloaded unless offline
+    (--offline, HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    from ..hub import resolve_components
+
+    spec = model_spec_of(choice)
     return spec, resolve_components(spec, offline=choice.offline)  # hub.is_offline decides, with the env
 
 
 def open_model(choice: ModelChoice) -> LoadedModel:
-    """Resolve the model's components (downloading what is missing unless offline) and load it, with progress."""
+    """Check the mode fits, resolve the model's components (downloading what is missing unless offline) and load
+    it, with progress."""
+    from ..hub import resolve_components
     from ..loading import load_model, resolve_device
     from .quant import pick_quantization
 
-    model_spec, paths = resolve_model(choice)
+    model_spec = model_spec_of(choice)
     device = resolve_device(choice.device)
     if device.type == "cpu" and choice.device == "auto":
         warn("no CUDA GPU found: running on the CPU, which is slow")
+    # before any download: a mode that cannot fit is refused without fetching 20 GB for it
     quant = pick_quantization(choice.quant, choice.quant_backend, model_spec, device, choice.dtype)
+    paths = resolve_components(model_spec, offline=choice.offline)  # hub.is_offline decides, with the env
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # our status line says what is loading
