@@ -225,12 +225,12 @@ def test_auto_takes_the_first_placement_that_fits_with_its_margin(expected):
 
 def test_the_estimate_knows_the_dtype_each_mode_runs_in_on_each_device():
     cpu = {p.mode: p for p in placements("cpu")}
-    assert [p.llm_dtype for p in cpu.values()] == ["float32", "bfloat16", "bfloat16"]  # quanto's kernels take bf16
+    assert {m: p.llm_dtype for m, p in cpu.items()} == {"none": "float32", "8bit": "bfloat16", "4bit": "bfloat16"}
     assert {p.dtype for p in cpu.values()} == {"float32"} and {p.backend for p in cpu.values()} == {"none", "quanto"}
     assert {p.llm_dtype for p in placements("cuda", backend="bitsandbytes")} == {"float16"}
     assert placements("cuda", backend="torchao")[2].llm_dtype == "bfloat16"  # tinygemm packs bf16
     fp32 = estimate_for(VICUNA_7B, ENCODERS, cpu["none"])
-    bf16 = estimate_for(VICUNA_7B, ENCODERS, placements("cpu", "bfloat16")[0])
+    bf16 = estimate_for(VICUNA_7B, ENCODERS, next(p for p in placements("cpu", "bfloat16") if p.mode == "none"))
     assert fp32.weights_bytes / 1e9 == pytest.approx(27.0, rel=0.05)  # Vicuna-7B in float32
     assert bf16.weights_bytes / 1e9 == pytest.approx(13.5, rel=0.05) and bf16.encoders_bytes * 2 == fp32.encoders_bytes
     with pytest.raises(QuantizationError):
