@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .spec import MODES, QuantizationError, QuantSpec
+from .spec import APPLIED_AFTER_LOADING, MODES, QuantizationError, QuantSpec
 
 GIB = 1024**3
 LLAMA_VOCAB = 32_000
 LLAMA_HEAD_RATIO = 128  # LLaMA widths are 128 x depth (7B: 4096 wide, 32 layers; 13B: 5120, 40)
 NF4_BITS = 4 + 0.127  # double quantisation: 8-bit scale per 64 weights + fp32 scale per 256 scales
+GROUP128_INT4_BITS = 4 + 2 * 16 / 128  # quanto's and torchao's int4: a bf16 scale and shift per 128 weights
+LLAMA_BLOCK_PARAMS_PER_HIDDEN2 = 12  # a LLaMA decoder layer holds ~12 h^2 parameters (attention 4 h^2, MLP ~8 h^2)
 INT8_ROW_SCALE_BYTES = 4  # LLM.int8 keeps one fp32 scale per output row; no more than a rounding error
 RUNTIME_BYTES = GIB // 2  # CUDA context / torch runtime, whatever the model
 ACTIVATION_SHARE = 0.05  # activations and allocator slack, as a share of the weights
@@ -52,8 +54,10 @@ def llama_shape(llm_params: int, vocab: int = LLAMA_VOCAB) -> tuple[int, int]:
     return hidden_int, max(1, round(hidden_int / LLAMA_HEAD_RATIO))
 
 
-def llm_weight_bytes(llm_params: int, mode: str, *, hidden: int, vocab: int = LLAMA_VOCAB, full: int = 2) -> int:
-    """The LLM's weights under `mode`; `full` = bytes of an unquantised parameter (2 fp16/bf16, 4 fp32)."""
+def llm_weight_bytes(llm_params: int, mode: str, *, hidden: int, vocab: int = LLAMA_VOCAB, full: int = 2,
+                     int4_bits: float = NF4_BITS) -> int:  # fmt: skip
+    """The LLM's weights under `mode`; `full` = bytes of an unquantised parameter (2 fp16/bf16, 4 fp32);
+    `int4_bits`: bits per 4-bit weight, scales included (bitsandbytes' NF4 by default)."""
     if mode not in MODES:
         raise QuantizationError(f"unknown quantisation {mode!r}: use one of {', '.join(MODES)}")
     if mode == "none":
@@ -63,7 +67,7 @@ def llm_weight_bytes(llm_params: int, mode: str, *, hidden: int, vocab: int = LL
     if mode == "8bit":
         rows = body // hidden  # one scale per output row, counting each matrix as (rows, hidden)
         return embeddings * full + body + rows * INT8_ROW_SCALE_BYTES
-    return embeddings * full + round(body * NF4_BITS / 8)
+    return embeddings * full + round(body * int4_bits / 8)
 
 
 def estimate_memory(
@@ -77,6 +81,8 @@ def estimate_memory(
     vocab: int = LLAMA_VOCAB,
     full_bytes: int = 2,
     encoder_bytes: int | None = None,
+    int4_bits: float = NF4_BITS,
+    layer_transient: bool = False,
 ) -> MemoryEstimate:
     """Memory for one model under `mode` ("none" | "8bit" | "4bit") on a GPU (fp16; `full_bytes=4` for fp32 CPU).
 
@@ -84,14 +90,18 @@ def estimate_memory(
     (default the same).
     context_tokens: positions held in the KV cache, summed over beams (4 beams x ~300 tokens for a 30 s clip
     with the original decoding, with room to spare). hidden/layers default to a LLaMA of that size.
+    layer_transient: the loader holds one decoder layer at full precision while it quantises it (quanto and
+    torchao quantise each layer as it arrives); counted so that loading never grows past the estimate.
     """
     guess_hidden, guess_layers = llama_shape(llm_params, vocab)
     hidden = hidden or guess_hidden
     layers = layers or guess_layers
-    weights = llm_weight_bytes(llm_params, mode, hidden=hidden, vocab=vocab, full=full_bytes)
+    weights = llm_weight_bytes(llm_params, mode, hidden=hidden, vocab=vocab, full=full_bytes, int4_bits=int4_bits)
     encoders = encoder_params * (encoder_bytes or full_bytes)
     kv_cache = 2 * layers * hidden * context_tokens * full_bytes  # K and V, every layer, every position
     overhead = RUNTIME_BYTES + round(ACTIVATION_SHARE * (weights + encoders))
+    if layer_transient and mode != "none":
+        overhead += LLAMA_BLOCK_PARAMS_PER_HIDDEN2 * hidden * hidden * full_bytes
     return MemoryEstimate(mode, weights, encoders, kv_cache, overhead)
 
 
@@ -172,8 +182,11 @@ def estimate_for(llm_params: int, encoder_params: int, placement: Placement, **s
     """The memory of one model run as `placement` says: the one estimate doctor, models, `--quant auto`, the
     refusal of a mode that cannot fit, and the benchmark all use. `shape_kwargs`: context_tokens, hidden,
     layers, vocab (see estimate_memory)."""
+    after_loading = placement.backend in APPLIED_AFTER_LOADING  # quanto, torchao: group-128 int4, layer by layer
     return estimate_memory(llm_params, encoder_params, placement.mode, full_bytes=DTYPE_BYTES[placement.llm_dtype],
-                           encoder_bytes=DTYPE_BYTES[placement.dtype], **shape_kwargs)  # fmt: skip
+                           encoder_bytes=DTYPE_BYTES[placement.dtype],
+                           int4_bits=GROUP128_INT4_BITS if after_loading else NF4_BITS,
+                           layer_transient=after_loading, **shape_kwargs)  # fmt: skip
 
 
 def choose_placement(
