@@ -290,10 +290,13 @@ def test_auto_on_a_cpu_follows_the_readme_rule_and_says_when_quanto_is_missing(m
     assert capsys.readouterr().err == ""
 
     def no_quanto(backend: str) -> None:
-        raise MissingBackendError(f"{backend} quantisation needs the optimum package")
+        raise MissingBackendError(f"{backend} quantisation needs the optimum package: pip install optimum-quanto")
 
     monkeypatch.setattr(quantize.backends, "_require", no_quanto)
     machine(256)
     chosen = quant.pick_quantization("auto", "auto", spec, cpu)
     assert chosen.describe() == "none" and chosen.dtype == "float32"
-    assert "quanto is not installed: pip install optimum-quanto" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "--quant auto would run --quant 8bit (quanto)" in said and "pip install optimum-quanto" in said, said
+    with pytest.raises(UsageError, match="CUDA only"):  # a backend that cannot run on a CPU: refused, not skipped
+        quant.pick_quantization("auto", "torchao", spec, cpu)

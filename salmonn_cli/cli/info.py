@@ -29,13 +29,18 @@ def _estimates(spec, device_type: str = "cuda") -> dict[str, float]:
 
 
 def fits_here(budget_bytes: int, device_type: str) -> dict[str, dict[str, bool]]:
-    """For each built-in model, which modes fit in `budget_bytes` on `device_type` (what doctor prints)."""
+    """For each built-in model, which modes fit in `budget_bytes` on `device_type` (what doctor prints; the same
+    comparison, unrounded, as the refusal of an explicit mode)."""
+    from quantize.memory import estimate_for, placements
+
     from ..model_file import builtin_models, load_model_spec
 
-    return {
-        name: {mode: gib * GIB <= budget_bytes for mode, gib in _estimates(load_model_spec(name), device_type).items()}
-        for name in builtin_models()
-    }
+    fits = {}
+    for name in builtin_models():
+        sizes = load_model_spec(name).sizes
+        fits[name] = {p.mode: estimate_for(sizes.llm_params, sizes.encoder_params, p).total_bytes <= budget_bytes
+                      for p in placements(device_type)}  # fmt: skip
+    return fits
 
 
 def download(model: ModelOpt = BUILTIN_DEFAULT, offline: OfflineOpt = False) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from quantize.memory import GIB
+
 from ..errors import OutOfMemoryError, UsageError
 
 if TYPE_CHECKING:
@@ -17,8 +19,6 @@ if TYPE_CHECKING:
     from quantize.memory import Placement
 
     from ..model_file import ModelSpec
-
-GIB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,15 @@ class MemoryBudget:
     source: str  # "free GPU memory" | "available host memory"
 
 
-def memory_budget(device_type: str) -> MemoryBudget:
-    """The budget `--quant auto` and `doctor` measure against."""
+def memory_budget(device) -> MemoryBudget:
+    """The budget `--quant auto` and `doctor` measure against: `device` (a torch.device, or "cuda" for the
+    current GPU) has its free memory; a CPU, the host's available memory."""
     from quantize.memory import available_host_bytes
 
-    if device_type == "cuda":
+    if str(device).startswith("cuda"):
         import torch
 
-        free_bytes, _ = torch.cuda.mem_get_info()
+        free_bytes, _ = torch.cuda.mem_get_info(device if str(device) != "cuda" else None)
         return MemoryBudget(free_bytes, "free GPU memory")
     return MemoryBudget(available_host_bytes(), "available host memory")
 
@@ -71,11 +72,11 @@ def pick_quantization(quant: str, backend: str, model_spec: ModelSpec, device, d
     except QuantizationError as exc:
         raise UsageError(str(exc)) from None
     sizes = model_spec.sizes
-    budget = memory_budget(device.type)
+    budget = memory_budget(device)
     if quant == "auto":
-        usable = _installed(candidates)
+        usable, missing = _installed(candidates)
         placement = choose_placement(budget.bytes, sizes.llm_params, sizes.encoder_params, usable)
-        _warn_if_auto_fell_short(model_spec, placement, candidates, usable, budget)
+        _warn_if_auto_fell_short(model_spec, placement, candidates[0], missing, budget)
     else:
         placement = next(p for p in candidates if p.mode == quant)
         _refuse_if_it_cannot_fit(model_spec, placement, candidates, budget)
@@ -86,31 +87,36 @@ def pick_quantization(quant: str, backend: str, model_spec: ModelSpec, device, d
     return QuantChoice(chosen, chosen.backend_for(device.type), placement)
 
 
-def _installed(candidates: list[Placement]) -> list[Placement]:
-    """The candidates whose quantisation library is installed (an unquantised one always is)."""
-    from quantize import MissingBackendError, QuantizationError, resolve_backend
+def _installed(candidates: list[Placement]) -> tuple[list[Placement], dict[Placement, str]]:
+    """(the candidates whose quantisation library is installed, the others with what to install). A backend that
+    cannot run here at all (torchao on a CPU) is the user's error, as for an explicit mode."""
+    from quantize import MissingBackendError, QuantizationError, QuantSpec, resolve_backend
 
-    usable = []
+    usable, missing = [], {}
     for placement in candidates:
-        try:
-            resolve_backend(placement.mode, placement.device_type)
-        except (MissingBackendError, QuantizationError):
+        if placement.mode == "none":
+            usable.append(placement)
             continue
+        try:
+            resolve_backend(QuantSpec(placement.mode, placement.backend), placement.device_type)
+        except MissingBackendError as exc:
+            missing[placement] = str(exc)
+            continue
+        except QuantizationError as exc:
+            raise UsageError(str(exc)) from None
         usable.append(placement)
-    return usable
+    return usable, missing
 
 
-def _warn_if_auto_fell_short(model_spec: ModelSpec, placement: Placement, candidates: list[Placement],
-                             usable: list[Placement], budget: MemoryBudget) -> None:  # fmt: skip
+def _warn_if_auto_fell_short(model_spec: ModelSpec, placement: Placement, preferred: Placement,
+                             missing: dict[Placement, str], budget: MemoryBudget) -> None:  # fmt: skip
     """Say so when `auto` took less than its first choice for want of a library, or took what may not fit."""
     from quantize.memory import estimate_for
 
     from .runner import warn
 
-    preferred = candidates[0]
-    if preferred not in usable and placement != preferred:
-        warn(f"--quant auto would run {preferred.describe()} here, but {preferred.backend} is not installed: "
-             "pip install optimum-quanto (or 'salmonn[cpu]')")  # fmt: skip
+    if preferred in missing:
+        warn(f"--quant auto would run {preferred.describe()} here: {missing[preferred]}")
     needed = estimate_for(model_spec.sizes.llm_params, model_spec.sizes.encoder_params, placement).total_bytes
     if needed > budget.bytes:
         warn(f"{model_spec.name} may not fit: {placement.describe()} needs ~{needed / GIB:.1f} GiB, and "
