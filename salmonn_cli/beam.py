@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .decode_watch import checkpoint
+
 Hypothesis = tuple[float, tuple[int, ...]]  # (normalised score, ids including the bos placeholder)
 
 
@@ -139,6 +141,7 @@ def beam_decode(engine: Any, embeds, options: Any, processors, warpers, limits: 
         sources = torch.div(top_ids, vocab, rounding_mode="floor")
         beam_scores, tokens, rows = scorer.process(ids, top_scores, top_ids % vocab, sources, eos, pad)
         ids = torch.cat([ids[rows, :], tokens[:, None]], dim=-1)
+        checkpoint()  # a watcher's stop flag (running beams have no settled ids to stream)
         # running beams never end in eos, so SALMONN's stop-at-eos criterion cannot fire here
         if all(scorer.done) or ids.shape[-1] >= max_length:
             break

@@ -23,6 +23,7 @@ import torch
 
 from .beam import beam_decode
 from .decode_options import DecodeOptions
+from .decode_watch import checkpoint
 from .engine import DecodeEngine, engine_for
 from .errors import UsageError
 
@@ -137,6 +138,7 @@ def _greedy_or_sample(
         if keep_scores:
             step_scores.append(scores.float().cpu())
         next_tokens = torch.where(unfinished, next_tokens, pad)
+        checkpoint(next_tokens)  # a watcher's stop flag, and the ids it streams (nothing when unwatched)
         ids = torch.cat([ids, next_tokens[:, None]], dim=-1)
         generated += unfinished
         unfinished &= next_tokens != eos

@@ -8,6 +8,7 @@ recording, such as "when does the music start?"), within the LLM's context.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,7 @@ class FileAnswer:
     answered: int  # segments the model was run on
     timings: dict[str, float] = field(default_factory=dict)
     skipped: str | None = None  # "silence" when no segment was audible
+    cue_token_ids: tuple[tuple[int, ...], ...] = ()  # the LLM's ids of each cue's answer (eos included), as cues
 
 
 def answer_file(
@@ -54,8 +56,12 @@ def answer_file(
     *,
     lora_scale: float | None = None,
     generator=None,
+    on_cue: Callable[[Cue], None] | None = None,
 ) -> FileAnswer:
-    """Answer `instruction` about a whole waveform of any length (see the module docstring)."""
+    """Answer `instruction` about a whole waveform of any length (see the module docstring).
+
+    `on_cue` sees each segment's cue as soon as its batch is decoded (a server streams them), in order.
+    """
     from .segment import plan_segments, segment_audio
 
     started = time.perf_counter()
@@ -71,14 +77,25 @@ def answer_file(
         answer = _answer_whole(model, audible, clips, instruction, options, settings, lora_scale, generator)
         return FileAnswer(answer.text.strip(), (Cue(audible[0].start, audible[-1].end, answer.text.strip()),),
                           len(answer.token_ids), len(segments), len(audible),
-                          {"total_s": time.perf_counter() - started})  # fmt: skip
-    results = model.generate_batch(
-        clips, instruction, options, batch_size=settings.batch_size, lora_scale=lora_scale, generator=generator
-    )
-    cues = tuple(_cue(s, r.text.strip(), settings) for s, r in zip(audible, results, strict=True))
-    text = _join(cues, settings, single=single)
+                          {"total_s": time.perf_counter() - started},
+                          cue_token_ids=(tuple(answer.token_ids),))  # fmt: skip
+    cues: list[Cue] = []
+    cue_ids: list[tuple[int, ...]] = []
+    size = settings.batch_size
+    for first in range(0, len(audible), size):  # batch by batch, as generate_batch would: the same ids and draws
+        results = model.generate_batch(
+            clips[first : first + size], instruction, options, batch_size=size, lora_scale=lora_scale,
+            generator=generator,
+        )  # fmt: skip
+        for segment, result in zip(audible[first : first + size], results, strict=True):
+            cues.append(_cue(segment, result.text.strip(), settings))
+            cue_ids.append(tuple(result.token_ids))
+            if on_cue is not None:
+                on_cue(cues[-1])
+    text = _join(tuple(cues), settings, single=single)
     timings = {"total_s": time.perf_counter() - started}
-    return FileAnswer(text, cues, sum(len(r.token_ids) for r in results), len(segments), len(audible), timings)
+    return FileAnswer(text, tuple(cues), sum(map(len, cue_ids)), len(segments), len(audible), timings,
+                      cue_token_ids=tuple(cue_ids))  # fmt: skip
 
 
 def _audible(segment, clip: np.ndarray, settings: LongformSettings, single: bool) -> bool:

@@ -18,7 +18,7 @@ from .options import DecodeChoice, ModelChoice
 
 if TYPE_CHECKING:
     from ..inputs import InputItem
-    from ..longform import LongformSettings
+    from ..longform import FileAnswer, LongformSettings
     from .batch import OutputPlan
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)  # one message = one line, never wrapped
@@ -178,22 +178,47 @@ def answer_item(
     loaded: LoadedModel, task: Task, item: InputItem, decode: DecodeChoice, settings: LongformSettings
 ) -> Record:
     """One input -> one Record: the whole file, in <= 30 s segments cut at pauses (silent ones not run)."""
-    from ..audio import SAMPLE_RATE, load_audio
-    from ..generate import seeded_generator
-    from ..longform import answer_file
+    from ..audio import load_audio
 
     waveform = load_audio(item.audio_path)
     instruction = item.instruction or task.instruction
-    scale = decode.scale_for(task.lora_scale)
-    generator = seeded_generator(decode.seed, loaded.model.device)
-    with oom_hint(loaded):
-        answer = answer_file(
-            loaded.model, waveform, instruction, decode.options, settings, lora_scale=scale, generator=generator
-        )
+    answer = answer_waveform(loaded, task, waveform, instruction, decode, settings)
     if answer.skipped == "silence":
         warn(f"{item.path}: no audible content (silence); nothing to answer. Use --force to run the model anyway")
+    return record_for(loaded, task, str(item.path), waveform, instruction, decode, answer)
+
+
+def answer_waveform(
+    loaded: LoadedModel,
+    task: Task,
+    waveform,
+    instruction: str,
+    decode: DecodeChoice,
+    settings: LongformSettings,
+    *,
+    on_cue=None,
+) -> FileAnswer:
+    """`longform.answer_file` at the task's LoRA scale and the run's seed: what the command line and the server
+    both run for one clip, so their answers are the same. `on_cue`: see `answer_file`."""
+    from ..generate import seeded_generator
+    from ..longform import answer_file
+
+    generator = seeded_generator(decode.seed, loaded.model.device)
+    with oom_hint(loaded):
+        scale = decode.scale_for(task.lora_scale)
+        return answer_file(loaded.model, waveform, instruction, decode.options, settings,
+                           lora_scale=scale, generator=generator, on_cue=on_cue)  # fmt: skip
+
+
+def record_for(
+    loaded: LoadedModel, task: Task, file: str, waveform, instruction: str, decode: DecodeChoice, answer: FileAnswer
+) -> Record:
+    """The Record of one answered clip (what -f json prints and the subtitle writers read)."""
+    from ..audio import SAMPLE_RATE
+
+    scale = decode.scale_for(task.lora_scale)
     return Record(
-        file=str(item.path),
+        file=file,
         task=task.name,
         instruction=instruction,
         text=answer.text,
