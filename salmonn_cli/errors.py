@@ -73,3 +73,9 @@ class OutputError(SalmonnError):
     """An output cannot be written: a read-only or full disk, a folder without write permission."""
 
     exit_code = 7
+
+
+class AddressError(SalmonnError):
+    """`salmonn serve` cannot listen where it was asked: the port is in use, or the address is not this machine's."""
+
+    exit_code = 8

@@ -56,11 +56,12 @@ def answer_file(
     *,
     lora_scale: float | None = None,
     generator=None,
-    on_cue: Callable[[Cue], None] | None = None,
+    on_text: Callable[[str], None] | None = None,
 ) -> FileAnswer:
     """Answer `instruction` about a whole waveform of any length (see the module docstring).
 
-    `on_cue` sees each segment's cue as soon as its batch is decoded (a server streams them), in order.
+    `on_text` sees the answer's text so far each time a batch of segments is decoded (a server streams it); each
+    text begins with the one before, and the last is the answer's.
     """
     from .segment import plan_segments, segment_audio
 
@@ -90,8 +91,8 @@ def answer_file(
         for segment, result in zip(audible[first : first + size], results, strict=True):
             cues.append(_cue(segment, result.text.strip(), settings))
             cue_ids.append(tuple(result.token_ids))
-            if on_cue is not None:
-                on_cue(cues[-1])
+        if on_text is not None:
+            on_text(_join(tuple(cues), settings, single=single))
     text = _join(tuple(cues), settings, single=single)
     timings = {"total_s": time.perf_counter() - started}
     return FileAnswer(text, tuple(cues), sum(map(len, cue_ids)), len(segments), len(audible), timings,

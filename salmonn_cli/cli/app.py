@@ -42,11 +42,12 @@ def root(
 
 
 def _register_commands() -> None:
-    from . import bench, chat, finetune, info, live, tasks
+    from . import bench, chat, finetune, info, live, serve, tasks
 
     tasks.register(app)
     chat.register(app)
     live.register(app)
+    serve.register(app)
     finetune.register(app)
     info.register(app)
     bench.register(app)

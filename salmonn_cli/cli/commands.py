@@ -110,15 +110,18 @@ def model_choice(options: dict) -> ModelChoice:
     return ModelChoice(**{f.name: options[f.name] for f in fields(ModelChoice)})
 
 
-def decode_choice(options: dict) -> DecodeChoice:
-    """The decoding options as one `DecodeOptions`: `--temperature 0` is no sampling, above 0 samples at it."""
-    temperature = options["temperature"]
+def sampling_fields(temperature: float) -> dict[str, object]:
+    """`DecodeOptions` fields for a temperature as users give it: 0 is no sampling, above 0 samples at it."""
     sampling = temperature > NO_SAMPLING
+    return {"do_sample": sampling, "temperature": temperature if sampling else _DECODE.temperature}
+
+
+def decode_choice(options: dict) -> DecodeChoice:
+    """The decoding options as one `DecodeOptions` (`--temperature` as `sampling_fields` reads it)."""
     decode = DecodeOptions(
         max_new_tokens=options["max_new_tokens"],
         num_beams=options["beams"],
-        do_sample=sampling,
-        temperature=temperature if sampling else _DECODE.temperature,
         top_p=options["top_p"],
+        **sampling_fields(options["temperature"]),
     )
     return DecodeChoice(decode, seed=options["seed"], lora_scale=options["lora_scale"])

@@ -196,10 +196,10 @@ def answer_waveform(
     decode: DecodeChoice,
     settings: LongformSettings,
     *,
-    on_cue=None,
+    on_text=None,
 ) -> FileAnswer:
     """`longform.answer_file` at the task's LoRA scale and the run's seed: what the command line and the server
-    both run for one clip, so their answers are the same. `on_cue`: see `answer_file`."""
+    both run for one clip, so their answers are the same. `on_text`: see `answer_file`."""
     from ..generate import seeded_generator
     from ..longform import answer_file
 
@@ -207,7 +207,7 @@ def answer_waveform(
     with oom_hint(loaded):
         scale = decode.scale_for(task.lora_scale)
         return answer_file(loaded.model, waveform, instruction, decode.options, settings,
-                           lora_scale=scale, generator=generator, on_cue=on_cue)  # fmt: skip
+                           lora_scale=scale, generator=generator, on_text=on_text)  # fmt: skip
 
 
 def record_for(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..errors import UsageError
+from ..longform import LongformSettings
 from ..model_file import WAKE_UP_LORA_SCALE
 from .commands import (
     DECODE_OPTIONS,
@@ -50,9 +51,15 @@ def run(task: Task, files: list[Path], options: dict) -> None:
         _run_probed(task, probed, options, fmt, writer)
 
 
+def longform_settings(task_name: str, chosen: LongformSettings) -> LongformSettings:
+    """The user's long-audio settings as `task_name` runs them: speech tasks keep to the speech and join their
+    segments as running text; the others answer every audible segment and label each line with its time."""
+    speech = task_name in SPEECH_TASKS
+    return replace(chosen, speech_only=speech, timestamped=not speech)
+
+
 def _run_probed(task: Task, probed: ProbedInputs, options: dict, fmt: str, writer) -> None:
     """Report the inputs that cannot be read; run the rest (if any) with the model loaded once."""
-    from ..longform import LongformSettings
     from .batch import OutputPlan, unique_names
 
     bad, good = probed.bad, probed.good
@@ -63,14 +70,8 @@ def _run_probed(task: Task, probed: ProbedInputs, options: dict, fmt: str, write
         raise typer.Exit(failed_code)  # nothing to run
     plan = OutputPlan(fmt, writer, options["output_dir"], options["overwrite"],
                       unique_names([item.path for item in good]))  # fmt: skip
-    settings = LongformSettings(
-        vad=options["vad"],
-        batch_size=options["batch_size"],
-        speech_only=task.name in SPEECH_TASKS,
-        force=options["force"],
-        whole=options.get("whole", False),
-        timestamped=task.name not in SPEECH_TASKS,
-    )
+    settings = longform_settings(task.name, LongformSettings(vad=options["vad"], batch_size=options["batch_size"],
+                                                             force=options["force"], whole=options.get("whole", False)))
     if all(plan.done(item.path) for item in good):
         stderr.print(f"all {len(good)} inputs are already done in {plan.output_dir} (--overwrite redoes them)")
         if failed_code:
