@@ -29,6 +29,7 @@ from tests.test_cli_tasks import json_lines, salmonn
 
 SERVER_DECODE = ["--max-new-tokens", "6"]  # the CLI's other defaults (4 beams, no sampling)
 QUESTION = "What can you hear?"
+WEB_ORIGIN = "http://localhost:3000"  # the guarded server's --cors-origin
 
 
 def _model(tiny: Path) -> list[str]:
@@ -76,7 +77,7 @@ def server(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def guarded(tiny, tmp_path_factory):
     process = ServeProcess(*_model(tiny), "--max-new-tokens", "1500", "--api-key", "sesame", "--queue", "1",
-                           "--max-upload-mb", "1", "--max-audio-minutes", "0.5",
+                           "--max-upload-mb", "1", "--max-audio-minutes", "0.5", "--cors-origin", WEB_ORIGIN,
                            log=tmp_path_factory.mktemp("guarded") / "stderr.txt")  # fmt: skip
     yield process
     assert process.stop() == 0, process.stderr()
@@ -382,6 +383,17 @@ def test_api_key(guarded, audio):
     with pytest.raises(openai.AuthenticationError):
         client(guarded, "wrong").models.list()
     assert [m.id for m in client(guarded, "sesame").models.list()] == ["tiny"]
+
+
+def test_cors_only_for_the_origins_given(guarded):
+    url = f"{guarded.url}/v1/models"
+    preflight = httpx.options(url, headers={"Origin": WEB_ORIGIN, "Access-Control-Request-Method": "GET",
+                                            "Access-Control-Request-Headers": "authorization"})  # fmt: skip
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == WEB_ORIGIN
+    allowed = httpx.get(url, headers={"Origin": WEB_ORIGIN, "Authorization": "Bearer sesame"})
+    assert allowed.headers["access-control-allow-origin"] == WEB_ORIGIN
+    other = httpx.get(url, headers={"Origin": "https://evil.example", "Authorization": "Bearer sesame"})
+    assert "access-control-allow-origin" not in other.headers
 
 
 def _raw_request(server: ServeProcess, head: str, body_chunks: list[bytes]) -> tuple[str, int]:
