@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,26 +52,51 @@ def load_audio(path: str | Path) -> np.ndarray:
     return resample(mono, rate)
 
 
-@contextlib.contextmanager
-def decoder_chatter_silenced() -> Iterator[None]:
-    """Native decoders' own stderr lines (libsndfile's mpg123: "Note: Illegal Audio-MPEG-Header ...") go nowhere.
+class _StderrSilencer:
+    """Native decoders' own stderr lines (libsndfile's mpg123: "Note: Illegal Audio-MPEG-Header ...") go nowhere:
+    they write to descriptor 2 from C, past Python's sys.stderr, so the descriptor itself is pointed at /dev/null
+    while any thread decodes, and back when the last one is done; what they mean reaches the user as our one line.
 
-    They write to file descriptor 2 from C, past Python's sys.stderr, so the descriptor itself is pointed at
-    /dev/null for the call; what they mean reaches the user as our one line.
+    Reference-counted under a lock: with two threads each saving and restoring descriptor 2 themselves, the one
+    that started second would save /dev/null and, finishing last, leave it there for good (a server decodes
+    several uploads at once).
     """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved: int | None = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._saved = _point_stderr_at_null()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0 and self._saved is not None:
+                    os.dup2(self._saved, 2)
+                    os.close(self._saved)
+                    self._saved = None
+
+
+def _point_stderr_at_null() -> int | None:
+    """Descriptor 2 to /dev/null; a copy of what it was (None: there is no usable descriptor 2, e.g. embedded)."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
-    except (OSError, ValueError):  # no usable descriptor 2 (an embedding host): nothing to silence
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    except (OSError, ValueError):
+        return None
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+    return saved
+
+
+decoder_chatter_silenced = _StderrSilencer()  # `with decoder_chatter_silenced():` around a native decoder's call
 
 
 def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import fractions
+import os
 import sys
+import threading
 
 import av
 import numpy as np
 import pytest
 import soundfile as sf
 
-from salmonn_cli.audio import MIN_SAMPLES, SAMPLE_RATE, WINDOW_SAMPLES, duration_seconds, load_audio, model_window
+from salmonn_cli.audio import (
+    MIN_SAMPLES,
+    SAMPLE_RATE,
+    WINDOW_SAMPLES,
+    decoder_chatter_silenced,
+    duration_seconds,
+    load_audio,
+    model_window,
+)
 from salmonn_cli.errors import AudioError, DependencyError
 
 from .reference import case_paths, load_case
@@ -152,3 +162,34 @@ def test_duration_from_the_header(tmp_path):
     assert duration_seconds(path) == pytest.approx(3.0)
     with pytest.raises(AudioError, match="not found"):
         duration_seconds(tmp_path / "nope.wav")
+
+
+def test_decoder_chatter_silencing_overlapping_in_two_threads_gives_stderr_back():
+    """Thread A silences, then B, then A finishes first: descriptor 2 is /dev/null while either decodes and is the
+    real stderr again when both are done (saving and restoring per thread would leave /dev/null behind)."""
+    real = os.fstat(2)
+    a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, os.stat_result] = {}
+
+    def a() -> None:
+        with decoder_chatter_silenced():
+            a_inside.set()
+            assert b_inside.wait(10)
+        a_done.set()
+
+    def b() -> None:
+        assert a_inside.wait(10)
+        with decoder_chatter_silenced():
+            b_inside.set()
+            assert a_done.wait(10)
+            seen["b, after a left"] = os.fstat(2)
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    threads[0].start()
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=20)
+    null = os.stat(os.devnull)
+    assert (seen["b, after a left"].st_ino, seen["b, after a left"].st_dev) == (null.st_ino, null.st_dev)
+    after = os.fstat(2)
+    assert (after.st_ino, after.st_dev) == (real.st_ino, real.st_dev)

@@ -483,15 +483,16 @@ def test_a_busy_port_is_one_line_before_any_load(server):
     assert len(lines) == 2 and result.stdout == ""
 
 
-def test_stop_signals_exit_0(tiny, tmp_path, audio):
-    """Ctrl-C and SIGTERM stop the server gracefully and it exits 0; work in flight is stopped and answered."""
-    def post(url: str, answers: list) -> None:
-        answers.append(httpx.post(url, json=_slow_chat(audio["short"]), timeout=120))
+def test_stop_signals_exit_0(server, guarded, audio):
+    """SIGTERM and Ctrl-C stop the server gracefully and it exits 0; work in flight is stopped and answered 503.
+    (The last test: it stops both servers.)"""
+    def post(url: str, headers: dict, answers: list) -> None:
+        answers.append(httpx.post(url, json=_slow_chat(audio["short"]), headers=headers, timeout=120))
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        process = ServeProcess(*_model(tiny), "--max-new-tokens", "1500", log=tmp_path / f"{sig.name}.txt")
+    key = {"Authorization": "Bearer sesame"}
+    for process, sig, headers in ((server, signal.SIGTERM, {}), (guarded, signal.SIGINT, key)):
         answers: list[httpx.Response] = []
-        slow = threading.Thread(target=post, args=(f"{process.url}/v1/chat/completions", answers))
+        slow = threading.Thread(target=post, args=(f"{process.url}/v1/chat/completions", headers, answers))
         slow.start()
         process.wait_health(lambda h: h["busy"], "the slow request running")
         assert process.stop(sig) == 0, process.stderr()

@@ -12,6 +12,7 @@ import contextlib
 import signal
 import socket
 import sys
+import threading
 from typing import Annotated, Optional
 
 import typer
@@ -160,7 +161,10 @@ def _run(loaded, config, sock: socket.socket) -> None:
         print(f"listening on {url}", flush=True)
         stderr.print(f"[dim]serving {', '.join(config.model_ids)} at {url}/v1 (Ctrl-C stops)[/]")
 
-    server = _server_class()(uvicorn_config, announce, worker.stop)
+    def stop_worker() -> None:  # from a signal handler: in a thread, as the handler may have cut one holding a lock
+        threading.Thread(target=worker.stop, name="salmonn-stop", daemon=True).start()
+
+    server = _server_class()(uvicorn_config, announce, stop_worker)
     server.run(sockets=[sock])
     worker.stop()
     worker.join(timeout_s=GRACE_S)

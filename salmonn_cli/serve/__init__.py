@@ -8,5 +8,6 @@
 - `formats`: results -> OpenAI's response bodies and stream events.
 - `inference`: what the model does for each request (the CLI's own code paths).
 - `worker`: the one inference thread, its bounded queue and cancellation.
+- `jobs`: a request's work on the worker, waited for or streamed, while the client is watched.
 - `app`: the routes.
 """

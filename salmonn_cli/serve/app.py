@@ -7,45 +7,35 @@ worker; a client that goes away stops its job. Every error leaves in OpenAI's sh
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import secrets
-import sys
 import time
-import traceback
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..decode_watch import DecodeStopped
-from ..errors import OutOfMemoryError, SalmonnError, UsageError
 from . import formats, params
-from .api_error import SERVER_ERROR, ApiError, missing
+from .api_error import ApiError, missing
 from .config import ServeConfig
-from .guard import CLIENT_GONE, CLIENT_GONE_KEY, Guard, log_line
+from .guard import CLIENT_GONE, Guard, ServerLog
 from .inference import ServedModel
 from .intake import read_clip
-from .worker import InferenceWorker, Job, shutting_down
+from .jobs import ClientGone, Jobs
+from .worker import InferenceWorker
 
-PING_S = 15.0  # a comment line this often keeps proxies and clients from timing out a stream that is thinking
-STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 MAX_FORM_FILES, MAX_FORM_FIELDS = 2, 100
-
-
-class ClientGone(Exception):
-    """The client closed its connection before its answer was ready; its work was stopped."""
 
 
 def create_app(served: ServedModel, worker: InferenceWorker, config: ServeConfig) -> FastAPI:
     app = FastAPI(title="salmonn", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
-    _add_error_handlers(app)
+    log = ServerLog()
+    jobs = Jobs(worker, log)
+    _add_error_handlers(app, jobs)
 
     def model_object(model_id: str) -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "salmonn"}
@@ -89,9 +79,9 @@ def create_app(served: ServedModel, worker: InferenceWorker, config: ServeConfig
                 record, _ = result
                 return [formats.sse(formats.transcript_done(record.text, record.audio_seconds))]
 
-            return _stream(request, worker, lambda stop, emit: served.transcribe(clip, audio_request, stop, emit),
-                           lambda delta: formats.sse(formats.transcript_delta(delta)), finish)  # fmt: skip
-        record, answer = await _run(request, worker, lambda stop: served.transcribe(clip, audio_request, stop, None))
+            return jobs.stream(request, lambda stop, emit: served.transcribe(clip, audio_request, stop, emit),
+                               lambda delta: formats.sse(formats.transcript_delta(delta)), finish)  # fmt: skip
+        record, answer = await jobs.run(request, lambda stop: served.transcribe(clip, audio_request, stop, None))
         fmt = audio_request.response_format
         if fmt == "json":
             return JSONResponse(formats.transcription_json(record))
@@ -130,124 +120,20 @@ def create_app(served: ServedModel, worker: InferenceWorker, config: ServeConfig
                     events.append(chunk(None, usage=usage(answer)))
                 return [*events, formats.sse("[DONE]")]
 
-            return _stream(request, worker, lambda stop, emit: served.chat(clip, chat, stop, emit),
-                           lambda delta: chunk({"content": delta}), finish,
-                           first=chunk({"role": "assistant", "content": ""}))  # fmt: skip
-        answer = await _run(request, worker, lambda stop: served.chat(clip, chat, stop, None))
+            return jobs.stream(request, lambda stop, emit: served.chat(clip, chat, stop, emit),
+                               lambda delta: chunk({"content": delta}), finish,
+                               first=chunk({"role": "assistant", "content": ""}))  # fmt: skip
+        answer = await jobs.run(request, lambda stop: served.chat(clip, chat, stop, None))
         return JSONResponse(formats.chat_completion(completion_id, now, name, answer.text, answer.finish_reason,
                                                     usage(answer)))  # fmt: skip
 
     from fastapi.middleware.cors import CORSMiddleware
 
-    app.add_middleware(Guard, config=config)
+    app.add_middleware(Guard, config=config, log=log)
     if config.cors_origins:  # outermost: a browser's preflight is answered before the key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["x-request-id"])  # fmt: skip
     return app
-
-
-# -- running a job --------------------------------------------------------------------------------------------------
-async def _client_gone(request: Request) -> None:
-    """Returns when the client closes its connection (the body has been read: the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _run(request: Request, worker: InferenceWorker, work: Callable) -> Any:
-    """`work(stop)` on the worker; its result, or the error it ends with as an ApiError."""
-    job = worker.submit(work)
-    gone = asyncio.ensure_future(_client_gone(request))
-    try:
-        done, _ = await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if job.future not in done:
-        job.stop.set()  # dropped if still queued, stopped at its next step if running
-        raise ClientGone
-    return _result(job, worker)
-
-
-def _result(job: Job, worker: InferenceWorker) -> Any:
-    error = job.future.exception()
-    if error is None:
-        return job.future.result()
-    if isinstance(error, DecodeStopped):
-        raise shutting_down() if worker.closed else ClientGone()
-    raise _as_api_error(error)
-
-
-def _as_api_error(error: BaseException) -> ApiError:
-    if isinstance(error, ApiError):
-        return error
-    if isinstance(error, UsageError):  # e.g. a prompt longer than the LLM's context
-        return ApiError(400, str(error), code="invalid_request")
-    if isinstance(error, OutOfMemoryError):
-        return ApiError(500, str(error), type=SERVER_ERROR, code="out_of_memory")
-    kind = type(error).__name__
-    message = str(error) if isinstance(error, SalmonnError) else f"the model failed on this request ({kind})"
-    log_line(f"inference failed: {type(error).__name__}: {error}")
-    if os.environ.get("SALMONN_DEBUG") == "1":
-        traceback.print_exception(error, file=sys.stderr)
-    return ApiError(500, message, type=SERVER_ERROR, code="inference_failed")
-
-
-def _stream(
-    request: Request,
-    worker: InferenceWorker,
-    work: Callable,
-    delta_event: Callable[[str], str],
-    final_events: Callable[[Any], list[str]],
-    *,
-    first: str | None = None,
-) -> StreamingResponse:
-    """Server-sent events for `work(stop, emit)`: one event per emitted delta, then `final_events(result)`; an error
-    after the 200 went out is an `{"error": ...}` event (the openai SDK raises it). The job is queued now, so a
-    full queue is a plain 503, not a broken stream."""
-    loop = asyncio.get_running_loop()
-    deltas: asyncio.Queue[str] = asyncio.Queue()
-
-    def emit(delta: str) -> None:  # called in the worker thread
-        loop.call_soon_threadsafe(deltas.put_nowait, delta)
-
-    job = worker.submit(lambda stop: work(stop, emit))
-
-    async def events() -> AsyncIterator[str]:
-        gone = asyncio.ensure_future(_client_gone(request))
-        try:
-            if first is not None:
-                yield first
-            while True:
-                getter = asyncio.ensure_future(deltas.get())
-                done, _ = await asyncio.wait({getter, job.future, gone}, timeout=PING_S,
-                                             return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-                if getter in done:
-                    yield delta_event(getter.result())
-                    continue
-                getter.cancel()
-                if gone in done:
-                    return
-                if job.future in done:
-                    break
-                yield ": ping\n\n"
-            while not deltas.empty():  # what the worker emitted just before it finished
-                yield delta_event(deltas.get_nowait())
-            try:
-                result = _result(job, worker)
-            except ClientGone:
-                request.scope[CLIENT_GONE_KEY] = True
-                return
-            except ApiError as error:
-                yield formats.sse(error.body())
-                return
-            for event in final_events(result):
-                yield event
-        finally:  # also when Starlette cancels the stream because the client left
-            if not job.future.done():
-                request.scope[CLIENT_GONE_KEY] = True  # for the log line: the 200 went out, the answer did not
-                job.stop.set()
-            gone.cancel()
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers=STREAM_HEADERS)
 
 
 # -- errors -------------------------------------------------------------------------------------------------------
@@ -255,7 +141,7 @@ def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.response_headers())
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def _add_error_handlers(app: FastAPI, jobs: Jobs) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> Response:
         return _error_response(error)
@@ -286,4 +172,4 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> Response:
-        return _error_response(_as_api_error(error))
+        return _error_response(jobs.as_api_error(error))

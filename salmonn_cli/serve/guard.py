@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import secrets
 import sys
 import time
@@ -33,13 +34,23 @@ async def send_error(send: Callable, error: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def log_line(text: str) -> None:
-    print(f"salmonn serve: {text}", file=sys.stderr, flush=True)
+class ServerLog:
+    """One line per request on stderr, through a copy of descriptor 2 made at start: while an upload is decoded,
+    descriptor 2 itself points at /dev/null (`audio.decoder_chatter_silenced`), and the log must not go there too."""
+
+    def __init__(self) -> None:
+        try:
+            self._stream = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+        except OSError:  # no descriptor 2 (an embedding host): Python's stderr, whatever it is
+            self._stream = sys.stderr
+
+    def line(self, text: str) -> None:
+        print(f"salmonn serve: {text}", file=self._stream, flush=True)
 
 
 class Guard:
-    def __init__(self, app, config: ServeConfig) -> None:
-        self.app, self.config = app, config
+    def __init__(self, app, config: ServeConfig, log: ServerLog) -> None:
+        self.app, self.config, self.log = app, config, log
         self._key = config.api_key.encode() if config.api_key else None
 
     async def __call__(self, scope, receive, send) -> None:
@@ -65,7 +76,7 @@ class Guard:
         outcome = CLIENT_GONE if scope.get(CLIENT_GONE_KEY) else status["code"]
         if outcome == CLIENT_GONE:
             outcome = f"{CLIENT_GONE} (the client went away; its work was stopped)"
-        log_line(f"{request_id} {scope['method']} {scope['path']} {outcome} {seconds:.2f}s")
+        self.log.line(f"{request_id} {scope['method']} {scope['path']} {outcome} {seconds:.2f}s")
 
     async def _forward(self, scope, receive, send, status) -> None:
         limit = self.config.max_json_bytes if scope["path"] in JSON_PATHS else self.config.max_upload_bytes

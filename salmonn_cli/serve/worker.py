@@ -42,6 +42,12 @@ class Job:
 
         self.loop.call_soon_threadsafe(deliver)
 
+    def abandon(self) -> None:
+        """Its client went away: stop the work (dropped if queued, stopped at its next step if running); nobody
+        will read what it ends with."""
+        self.stop.set()
+        self.future.add_done_callback(lambda future: future.cancelled() or future.exception())
+
 
 @dataclass(frozen=True)
 class WorkerStats:
