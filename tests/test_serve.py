@@ -472,6 +472,21 @@ def test_full_queue_is_503_and_a_gone_client_stops_its_work(guarded, audio):
     assert "499" in guarded.stderr()
 
 
+def test_a_client_that_hangs_up_stops_its_work(server, audio):
+    """Not a stream: the client sends its request, and closes the connection while the model is on it."""
+    base = server.health()
+    body = json.dumps(_slow_chat(audio["short"])).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        server.wait_health(lambda h: h["busy"], "the request running")
+    stopped = server.wait_health(lambda h: h["cancelled"] == base["cancelled"] + 1 and not h["busy"],
+                                 "its work stopped")  # fmt: skip
+    assert stopped["served"] == base["served"]
+    assert client(server).models.list().data  # and the server goes on
+
+
 def test_a_busy_port_is_one_line_before_any_load(server):
     port = server.url.rsplit(":", 1)[1]
     result = subprocess.run(["salmonn", "serve", "--host", "0.0.0.0", "--port", port, "--model", "/no/such.toml"],

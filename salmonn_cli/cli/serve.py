@@ -133,12 +133,17 @@ def serve(
     try:
         loaded = open_model(model_choice(options))
         config = ServeConfig(
-            served_name=loaded.name, aliases=tuple(a for a in aliases if a != loaded.name), host=host,
-            port=sock.getsockname()[1], api_key=api_key, max_upload_bytes=round(max_upload_mb * 2**20),
-            max_audio_seconds=max_audio_minutes * 60, queue=queue, cors_origins=tuple(cors_origin or ()),
+            served_name=loaded.name,
+            aliases=tuple(a for a in aliases if a != loaded.name),
+            host=host,
+            api_key=api_key,
+            max_upload_bytes=round(max_upload_mb * 2**20),
+            max_audio_seconds=max_audio_minutes * 60,
+            queue=queue,
+            cors_origins=tuple(cors_origin or ()),
             decode=decode_choice(options),
             longform=LongformSettings(vad=options["vad"], batch_size=options["batch_size"], force=options["force"]),
-        )  # fmt: skip
+        )
         _run(loaded, config, sock)
     finally:
         sock.close()

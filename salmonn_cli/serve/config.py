@@ -18,8 +18,7 @@ class ServeConfig:
 
     served_name: str
     aliases: tuple[str, ...] = ()
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = "127.0.0.1"  # where it listens: on loopback, the Host header must name loopback too
     api_key: str | None = None
     max_upload_bytes: int = 100 * 2**20
     max_audio_seconds: float = 120 * 60.0
