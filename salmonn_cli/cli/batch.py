@@ -4,6 +4,7 @@ what is already done (re-runs skip it unless `--overwrite`), progress, and the c
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from ..errors import OutputError, UsageError
 from ..output import EXTENSIONS, Record, write_json
 
 RESULTS_FILE = "results.jsonl"
+RANK_RESULTS = "results.rank{rank}.jsonl"  # what each rank of a launched job appends to; merged into RESULTS_FILE
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class OutputPlan:
     output_dir: Path | None = None
     overwrite: bool = False
     names: dict[Path, str] = field(default_factory=dict)  # input -> output file stem (unique in the run)
+    results_name: str = RESULTS_FILE  # a launched job's ranks each append to their own file (RANK_RESULTS)
 
     def __post_init__(self) -> None:  # refused when the plan is made: before any model loads
         if self.output_dir is not None and self.output_dir.exists() and not self.output_dir.is_dir():
@@ -54,9 +57,29 @@ class OutputPlan:
             return
         try:
             write_text_atomically(target, text if text.endswith("\n") else text + "\n")
-            append_line(self.output_dir / RESULTS_FILE, write_json(record))
+            append_line(self.output_dir / self.results_name, write_json(record))
         except OSError as exc:  # the disk filled up or went read-only mid-run: every later write would fail too
             raise OutputError(f"cannot write {target}: {failure_reason(exc)}") from None
+
+
+def merge_results(output_dir: Path) -> None:
+    """Fold the ranks' results files into results.jsonl, one line per input (the latest of its lines): what a
+    launched job does at its end, and any run at its start, so the shards of a job that crashed are kept."""
+    shards = sorted(output_dir.glob(RANK_RESULTS.format(rank="*")))
+    if not shards:
+        return
+    lines: dict[str, str] = {}
+    for path in [output_dir / RESULTS_FILE, *shards]:
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    lines[json.loads(line)["file"]] = line
+    try:
+        write_text_atomically(output_dir / RESULTS_FILE, "".join(f"{line}\n" for line in lines.values()))
+        for path in shards:
+            path.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write {output_dir / RESULTS_FILE}: {failure_reason(exc)}") from None
 
 
 def unique_names(paths: list[Path]) -> dict[Path, str]:

@@ -21,6 +21,7 @@ from .options import (
     ForceOpt,
     FormatOpt,
     GlobOpt,
+    GpusOpt,
     InstructionOpt,
     LlmOpt,
     LoraScaleOpt,
@@ -77,6 +78,7 @@ TASK_OPTIONS: dict[str, tuple[object, object]] = {
     "manifest": (ManifestOpt, None),
     "vad": (VadOpt, _LONGFORM.vad),
     "batch_size": (BatchSizeOpt, _LONGFORM.batch_size),
+    "gpus": (GpusOpt, None),
 }
 WHOLE_OPTION: dict[str, tuple[object, object]] = {"whole": (WholeOpt, _LONGFORM.whole)}
 

@@ -142,6 +142,15 @@ VadOpt = Annotated[
 BatchSizeOpt = Annotated[
     int, typer.Option(min=1, help="Segments decoded together (faster on a GPU).", rich_help_panel=INPUT_PANEL)
 ]
+GpusOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--gpus",
+        help="Run on several GPUs: a list (0,1,2,3) or all; one process and model copy per GPU, the inputs "
+        "shared among them (needs -o). The same as torchrun --nproc_per_node N -m salmonn_cli ...",
+        rich_help_panel=INPUT_PANEL,
+    ),
+]
 WholeOpt = Annotated[
     bool,
     typer.Option(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from ..distributed import ALONE, Ranks, summed
 from ..errors import OutOfMemoryError, SalmonnError
 from ..output import Record
 from ..stop import stop_deferred
@@ -117,17 +118,21 @@ def run_task(
     settings: LongformSettings,
     *,
     failed: list[SalmonnError] | None = None,
+    skipped: int = 0,
+    ranks: Ranks = ALONE,
 ) -> int:
     """Run `task` on each input in turn (skipping those already done); emit each result as it finishes;
-    report each failure and go on. `failed`: inputs refused (and reported) before the model loaded, counted in
-    the summary. Returns the exit code: 0, or the first failure's."""
+    report each failure and go on. `failed`: inputs refused (and reported) before the model loaded, and
+    `skipped`: inputs found done beforehand, both counted in the summary. Under a launcher, `items` is this
+    rank's share and the summary is the whole job's, printed by rank 0. Returns the exit code: 0, or the first
+    failure's."""
     from .batch import Tally
 
     failures: list[SalmonnError] = list(failed or [])
-    tally = Tally(total=len(items) + len(failures), failed=len(failures))
+    tally = Tally(total=len(items) + len(failures) + skipped, failed=len(failures), skipped=skipped)
     stopped = False
     try:
-        with _progress(len(items)) as advance:
+        with _progress(len(items) if ranks.main else 0) as advance:
             for item in items:
                 if plan.done(item.path):
                     tally.skipped += 1
@@ -150,8 +155,25 @@ def run_task(
         raise
     finally:
         if tally.total > 1 or plan.output_dir is not None:
-            stderr.print(tally.summary(stopped))
+            _summarise(tally, stopped, ranks)
     return failures[0].exit_code if failures else 0
+
+
+def _summarise(tally, stopped: bool, ranks: Ranks) -> None:
+    """The summary line: alone, this run's; under a launcher, the whole job's from rank 0 (every rank adds its
+    counts). A stopped rank speaks for itself, without waiting on ranks that may be gone."""
+    from .batch import Tally
+
+    if not ranks.distributed:
+        stderr.print(tally.summary(stopped))
+    elif stopped:
+        stderr.print(f"rank {ranks.rank} of {ranks.world}: {tally.summary(stopped)}")
+    else:
+        total, done, skipped, failed, audio_s = summed(ranks, [tally.total, tally.done, tally.skipped, tally.failed,
+                                                               tally.audio_s])  # fmt: skip
+        if ranks.main:
+            job = Tally(int(total), int(done), int(skipped), int(failed), audio_s, started=tally.started)
+            stderr.print(f"{ranks.world} processes, {job.summary()}")
 
 
 @contextmanager

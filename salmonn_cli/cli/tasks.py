@@ -13,6 +13,7 @@ import typer
 from ..errors import UsageError
 from ..longform import LongformSettings
 from ..model_file import WAKE_UP_LORA_SCALE
+from .batch import RESULTS_FILE
 from .commands import (
     DECODE_OPTIONS,
     MODEL_OPTIONS,
@@ -23,7 +24,7 @@ from .commands import (
     with_options,
 )
 from .options import FileArg, OptionalFilesArg
-from .runner import Task, open_model, run_task, stderr
+from .runner import Task, open_model, resolve_model, run_task, stderr
 
 if TYPE_CHECKING:
     from ..probe import ProbedInputs
@@ -40,6 +41,10 @@ def run(task: Task, files: list[Path], options: dict) -> None:
     from ..output import writer_for
     from ..probe import probe_inputs
 
+    if options["gpus"] is not None:
+        from .launch import run_on_gpus
+
+        run_on_gpus(options["gpus"])  # the same command, one process per GPU; never returns
     fmt, writer = writer_for(options["format"])
     if options["instruction"] is not None:
         if not options["instruction"].strip():
@@ -59,26 +64,55 @@ def longform_settings(task_name: str, chosen: LongformSettings) -> LongformSetti
 
 
 def _run_probed(task: Task, probed: ProbedInputs, options: dict, fmt: str, writer) -> None:
-    """Report the inputs that cannot be read; run the rest (if any) with the model loaded once."""
-    from .batch import OutputPlan, unique_names
+    """Report the inputs that cannot be read; run the rest (if any) with the model loaded once.
 
+    Under a launcher (torchrun, `accelerate launch`) each rank runs its share of the inputs not yet done, on its
+    own device, appending to its own results file; rank 0 folds those into results.jsonl at the end (and at the
+    start, so a crashed job's are kept), and reports for the whole job."""
+    from ..distributed import barrier, device_for, launched, process_group
+    from .batch import RANK_RESULTS, OutputPlan, merge_results, unique_names
+
+    ranks = launched()
     bad, good = probed.bad, probed.good
-    for problem in bad.values():
+    for problem in bad.values() if ranks.main else ():
         stderr.print(f"[red]salmonn: error:[/] {problem}")
     failed_code = next(iter(bad.values())).exit_code if bad else 0  # the first problem's, as for later failures
     if not good:
         raise typer.Exit(failed_code)  # nothing to run
+    if ranks.distributed and options["output_dir"] is None:
+        raise UsageError(f"under a launcher ({ranks.world} processes), give -o DIR: each process writes its results "
+                         "there")  # fmt: skip
     plan = OutputPlan(fmt, writer, options["output_dir"], options["overwrite"],
-                      unique_names([item.path for item in good]))  # fmt: skip
+                      unique_names([item.path for item in good]),
+                      RANK_RESULTS.format(rank=ranks.rank) if ranks.distributed else RESULTS_FILE)  # fmt: skip
     settings = longform_settings(task.name, LongformSettings(vad=options["vad"], batch_size=options["batch_size"],
                                                              force=options["force"], whole=options.get("whole", False)))
     if all(plan.done(item.path) for item in good):
-        stderr.print(f"all {len(good)} inputs are already done in {plan.output_dir} (--overwrite redoes them)")
+        if ranks.main:
+            if plan.output_dir is not None:
+                merge_results(plan.output_dir)
+            stderr.print(f"all {len(good)} inputs are already done in {plan.output_dir} (--overwrite redoes them)")
         if failed_code:
             raise typer.Exit(failed_code)
         return
-    loaded = open_model(model_choice(options))
-    code = run_task(loaded, task, good, decode_choice(options), plan, settings, failed=list(bad.values()))
+    choice = model_choice(options)
+    choice = replace(choice, device=device_for(ranks, choice.device))
+    with process_group(ranks, choice.device):
+        pending = [item for item in good if not plan.done(item.path)]
+        if ranks.main and plan.output_dir is not None:
+            merge_results(plan.output_dir)  # a crashed job's shards, before any rank appends to its own
+        barrier(ranks)  # every rank has its list of what is left, and nothing has been written yet
+        if ranks.distributed:  # rank 0 downloads what is missing; then every rank finds it in the cache
+            if ranks.main:
+                resolve_model(choice)
+            barrier(ranks)
+        loaded = open_model(choice)
+        code = run_task(loaded, task, ranks.share(pending), decode_choice(options), plan, settings,
+                        failed=list(bad.values()) if ranks.main else [], skipped=len(good) - len(pending) if ranks.main
+                        else 0, ranks=ranks)  # fmt: skip
+        barrier(ranks)
+        if ranks.main and plan.output_dir is not None and ranks.distributed:
+            merge_results(plan.output_dir)
     if code:
         raise typer.Exit(code)
 
