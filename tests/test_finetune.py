@@ -4,10 +4,12 @@ the saved checkpoint, first-step loss = `model.loss`, resume after SIGKILL and C
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -369,3 +371,31 @@ def test_training_refuses_the_inference_only_torchao_backend():
     with pytest.raises(UsageError, match="torchao's kernels are for inference"):
         FinetuneConfig(quant_backend="torchao")
     assert FinetuneConfig(quant_backend="quanto").quant_backend == "quanto"
+
+
+def test_two_processes_of_batch_one_reach_one_process_of_batch_two(tiny, data_dir, tmp_path):
+    """torchrun, 2 ranks on gloo, each a batch of 1 per step: the weights of one process with batches of 2 (the
+    gradients summed over the ranks by their answer tokens). Dropout off: each rank would draw its own masks. A
+    small learning rate: Adam divides by the root of the squared gradients, which magnifies the last-bit
+    differences of a padded batch of 2 against two unpadded rows in the weights of a few near-zero gradients."""
+    step = ["--steps", "4", "--grad-accum", "1", "--lora-dropout", "0", "--lr", "1e-3"]
+    one = run_cli(*train_args(tiny, data_dir, tmp_path / "one", *step, "--batch-size", "2"))
+    assert one.returncode == 0, one.stderr
+    per_rank = train_args(tiny, data_dir, tmp_path / "two", *step, "--batch-size", "1")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+              "salmonn_cli", *map(str, per_rank)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr
+    assert two.stderr.count("done: 4 steps") == 1  # rank 0 reports for the job
+    expected = torch.load(tmp_path / "one" / "salmonn.pth", weights_only=True)["model"]
+    got = torch.load(tmp_path / "two" / "salmonn.pth", weights_only=True)["model"]
+    assert got.keys() == expected.keys()
+    worst = max(float((got[k] - expected[k]).abs().max()) for k in got)
+    assert worst < 1e-5, worst
+    assert any(not torch.equal(got[k], torch.load(tiny / "salmonn.pth", weights_only=True)["model"][k])
+               for k in got if "lora" in k)  # fmt: skip  # it trained
+    losses = [json.loads((tmp_path / run / "finetune.json").read_text())["losses"] for run in ("one", "two")]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)  # each step's loss: the mean over both ranks' answers
+    resumed_alone = run_cli(*train_args(tiny, data_dir, tmp_path / "two", *step, "--batch-size", "1", "--resume"))
+    assert resumed_alone.returncode == 2 and "processes 2 -> 1" in resumed_alone.stderr

@@ -73,6 +73,9 @@ def train(
     max_text_tokens: Annotated[int, _opt("--max-text-tokens", min=1, help="Longest response, in tokens.")] = (
         _CONFIG.max_text_tokens
     ),
+    lora_dropout: Annotated[float, _opt("--lora-dropout", min=0.0, max=0.99, help="LoRA dropout while training.")] = (
+        _CONFIG.lora_dropout
+    ),
     quant: Annotated[str, typer.Option("--quant", "-q", help=QUANT_HELP, rich_help_panel="Model")] = _CONFIG.quant,
 ) -> None:
     """Few-shot activation tuning: a few steps on a dozen long answers at LoRA scale 4.0 (QLoRA).
@@ -88,7 +91,7 @@ def train(
     config = FinetuneConfig(
         lr=lr, epochs=epochs, steps=steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
         save_every=save_every, eval_every=eval_every, quant=quant, quant_backend=options["quant_backend"],
-        train_connector=train_connector, max_text_tokens=max_text_tokens,
+        train_connector=train_connector, max_text_tokens=max_text_tokens, lora_dropout=lora_dropout,
     )  # fmt: skip
     code = _train(config, few_shot, output_dir, val, val_split, resume, {**options, "quant": quant})
     if code:
@@ -96,31 +99,23 @@ def train(
 
 
 def _train(config, few_shot: Path, out_dir: Path, val: Path | None, val_split: float, resume: bool, options) -> int:
-    """Validate, load, train, save. Returns the exit code (130 when interrupted)."""
-    from ..finetune.data import load_data
-    from ..finetune.progress import Reporter
-    from ..finetune.recipe import run_finetune
-    from ..finetune.save import check_output_dir
-    from ..tokenizer import load_tokenizer
-    from .runner import open_model, stderr
+    """Validate, load, train, save. Returns the exit code (130 when interrupted).
 
+    Under a launcher, every rank trains a replica on its own device on its share of each step (see
+    finetune.train); rank 0 prints and writes."""
+    from ..distributed import launched, process_group
+    from ..finetune.save import check_output_dir
+    from .runner import stderr
+
+    ranks = launched()
+    config = replace(config, processes=ranks.world)
     check_output_dir(out_dir, resume=resume)  # before anything slow: a taken folder is a usage error
-    choice, spec_name = _resolved_choice(options, config)
-    data = load_data(few_shot, tokenizer=load_tokenizer(choice.llm), max_text_tokens=config.max_text_tokens,
-                     val_path=val, val_split=val_split, seed=config.seed)  # fmt: skip
-    stderr.print(f"[bold]finetune[/] {spec_name}: {len(data.train)} training, {len(data.val)} validation examples")
-    for line in config.describe(len(data.train)):
-        stderr.print(f"  {line}")
-    loaded = open_model(choice)
-    base = _base_model(spec_name, Path(choice.checkpoint), loaded.checkpoint_sha256)
-    extra = {"device": loaded.device, "quantization": loaded.quantization}
-    run = run_finetune(loaded.model, data, config, out_dir, base=base, resume=resume,
-                       reporter=Reporter(stderr), extra=extra)  # fmt: skip
+    choice, spec_name = _resolved_choice(options, config, ranks)
+    with process_group(ranks, choice.device):  # joined by every rank only after its own check of the folder
+        code, run = _fit(config, few_shot, out_dir, val, val_split, resume, choice, spec_name, ranks)
+    if not ranks.main or code:
+        return code
     result = run.result
-    if run.outputs is None:
-        stderr.print(f"interrupted at step {result.steps_done}/{result.total_steps}; the state is saved in {out_dir}:"
-                     " run the same command with --resume to continue")  # fmt: skip
-        return EXIT_INTERRUPTED
     val_text = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     stderr.print(f"done: {result.steps_done} steps in {result.wall_s:.1f} s, loss {result.first_loss:.4f} ->"
                  f" {result.final_loss:.4f}{val_text}")  # fmt: skip
@@ -128,12 +123,44 @@ def _train(config, few_shot: Path, out_dir: Path, val: Path | None, val_split: f
     return 0
 
 
-def _resolved_choice(options: dict, config):
+def _fit(config, few_shot, out_dir, val, val_split, resume, choice, spec_name, ranks):
+    """(exit code, the run) of the training itself, on every rank."""
+    import os
+
+    from rich.console import Console
+
+    from ..finetune.data import load_data
+    from ..finetune.progress import Reporter
+    from ..finetune.recipe import run_finetune
+    from ..tokenizer import load_tokenizer
+    from .runner import open_model, stderr
+
+    data = load_data(few_shot, tokenizer=load_tokenizer(choice.llm), max_text_tokens=config.max_text_tokens,
+                     val_path=val, val_split=val_split, seed=config.seed)  # fmt: skip
+    console = stderr if ranks.main else Console(file=open(os.devnull, "w"))  # rank 0 speaks for the job
+    console.print(f"[bold]finetune[/] {spec_name}: {len(data.train)} training, {len(data.val)} validation examples")
+    for line in config.describe(len(data.train)):
+        console.print(f"  {line}")
+    loaded = open_model(choice)
+    base = _base_model(spec_name, Path(choice.checkpoint), loaded.checkpoint_sha256)
+    extra = {"device": loaded.device, "quantization": loaded.quantization}
+    run = run_finetune(loaded.model, data, config, out_dir, base=base, resume=resume,
+                       reporter=Reporter(console), extra=extra, ranks=ranks)  # fmt: skip
+    if run.outputs is None:
+        if ranks.main:
+            stderr.print(f"interrupted at step {run.result.steps_done}/{run.result.total_steps}; the state is saved "
+                         f"in {out_dir}: run the same command with --resume to continue")  # fmt: skip
+        return EXIT_INTERRUPTED, run
+    return 0, run
+
+
+def _resolved_choice(options: dict, config, ranks):
     """The model choice with all four components resolved to local paths (downloaded when missing and online),
-    and the quantisation training uses: bitsandbytes unless a backend is named."""
+    the quantisation training uses (bitsandbytes unless a backend is named), and each rank's own device."""
+    from ..distributed import device_for
     from .runner import resolve_model
 
-    choice = model_choice(options)
+    choice = replace(model_choice(options), device=device_for(ranks, options["device"]))
     spec, paths = resolve_model(choice)
     backend = "bitsandbytes" if config.quant_backend == "auto" else config.quant_backend
     resolved = replace(choice, whisper=paths.whisper, beats=paths.beats, llm=paths.llm, checkpoint=paths.checkpoint,

@@ -47,12 +47,13 @@ class FinetuneConfig:
     max_text_tokens: int = MAX_TARGET_TOKENS  # responses longer than this are refused
     lora_scale: float | None = None  # None: the model's trained scaling, which inference uses by default
     lora_dropout: float = 0.1  # the original's LoRA dropout, active only while training
+    processes: int = 1  # ranks sharing each step under a launcher, each with its own batch_size x grad_accum
 
     def __post_init__(self) -> None:
         problems = []
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"--lr must be > 0, got {self.lr}")
-        for name in ("epochs", "batch_size", "grad_accum", "save_every", "eval_every", "max_text_tokens"):
+        for name in ("epochs", "batch_size", "grad_accum", "save_every", "eval_every", "max_text_tokens", "processes"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
@@ -75,7 +76,7 @@ class FinetuneConfig:
 
     @property
     def examples_per_step(self) -> int:
-        return self.batch_size * self.grad_accum
+        return self.batch_size * self.grad_accum * self.processes
 
     def total_steps(self, n_train: int) -> int:
         """Optimizer steps of the run for `n_train` training examples."""
@@ -91,10 +92,10 @@ class FinetuneConfig:
 
     def differences(self, saved: dict) -> list[str]:
         """Fields that change the run's numbers and differ from a saved run's config (for `--resume`)."""
-        return [
-            f"{f.name} {saved.get(f.name)!r} -> {getattr(self, f.name)!r}"
+        return [  # a field a saved run predates had its default then
+            f"{f.name} {saved.get(f.name, f.default)!r} -> {getattr(self, f.name)!r}"
             for f in fields(self)
-            if f.name not in _SCHEDULE_FREE and saved.get(f.name) != getattr(self, f.name)
+            if f.name not in _SCHEDULE_FREE and saved.get(f.name, f.default) != getattr(self, f.name)
         ]
 
     def describe(self, n_train: int) -> list[str]:

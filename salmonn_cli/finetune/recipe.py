@@ -35,12 +35,15 @@ def run_finetune(
     resume: bool = False,
     reporter=None,
     extra: dict | None = None,
+    ranks=None,
 ) -> FinetuneRun:
     """Train `model` on `data` under `config`, saving states and outputs in `out_dir`.
 
     resume: continue from `out_dir/state.pt` (same config, data and base checkpoint, else a UsageError).
     extra: more fields for finetune.json (device, quantisation, ...).
+    ranks: this process's place in a launched job (`distributed.Ranks`); rank 0 writes the outputs.
     """
+    from ..distributed import ALONE
     from .state import load_state
     from .train import Trainer
 
@@ -51,13 +54,16 @@ def run_finetune(
         "train_sha256": data.train_sha256,
         "val_sha256": data.val_sha256,
     }
-    trainer = Trainer(model, config, data.train, data.val, identity=identity)
+    ranks = ranks or ALONE
+    trainer = Trainer(model, config, data.train, data.val, identity=identity, ranks=ranks)
     try:
         if resume:
             trainer.load(load_state(out_dir))
         result = trainer.fit(out_dir, reporter)
         if result.interrupted:
             return FinetuneRun(result, None)
+        if not ranks.main:  # the same weights as rank 0's, which writes them
+            return FinetuneRun(result, FinetuneOutputs(*(None,) * 3))
         extra = {"model_name": base.name, **(extra or {})}
         return FinetuneRun(result, write_outputs(out_dir, model, base, data, config, result, extra=extra))
     finally:

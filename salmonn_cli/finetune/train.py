@@ -6,6 +6,12 @@ fit: AdamW, linear warm-up then cosine decay, gradient clipping, gradient accumu
 the seed. The state is saved every `save_every` steps and at the end, atomically; a run resumed from it on CPU
 ends with exactly the weights of an uninterrupted run. Ctrl-C finishes the current forward pass, saves the
 state of the last completed step and stops (a second Ctrl-C stops at once, keeping the last periodic save).
+
+Under a launcher (`config.processes` ranks, salmonn_cli.distributed), every rank holds a replica and takes its
+own examples of each step: step s's examples are those one process with `processes` times the batch would take,
+dealt out in turn. After the backward passes the gradients are summed over the ranks (all_reduce, as DDP's
+reducer does) weighted by each rank's answer tokens, so the step is that of the one large batch; rank 0 saves.
+Ranks agree to stop at a step boundary (one small all_reduce per step), never half-way through one.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import nn
 from .. import prompt as prompts
 from ..audio import load_audio
 from ..checkpoint import original_lora_key
+from ..distributed import ALONE, Ranks, summed
 from ..errors import UsageError
 from ..llm import input_embeddings, scaled_lora
 from ..stop import note_terminated
@@ -80,10 +87,13 @@ class _Progress:
 class Trainer:
     """One training run of `model` on `train` (and `val`) under `config`; `identity` is stored in every state."""
 
-    def __init__(self, model, config: FinetuneConfig, train, val=(), *, identity: dict | None = None) -> None:
+    def __init__(self, model, config: FinetuneConfig, train, val=(), *, identity: dict | None = None,
+                 ranks: Ranks = ALONE) -> None:  # fmt: skip
         if not train:
             raise UsageError("no training examples")
-        self.model, self.config = model, config
+        if config.processes != ranks.world:
+            raise UsageError(f"the config is for {config.processes} processes, the launcher started {ranks.world}")
+        self.model, self.config, self.ranks = model, config, ranks
         self.train_set, self.val_set = tuple(train), tuple(val)
         self.identity = dict(identity or {})
         self.total = config.total_steps(len(self.train_set))
@@ -177,8 +187,9 @@ class Trainer:
         ids = self.model.prompt_ids(example.instruction)
         return prompts.assemble_training(table, ids, tokens, self.model.tokenizer.bos_token_id, targets)
 
-    def batch_loss(self, examples) -> tuple[torch.Tensor, int]:
-        """Mean next-token loss over the answers of `examples` (right-padded together) and the positions run."""
+    def batch_loss(self, examples) -> tuple[torch.Tensor, int, int]:
+        """Mean next-token loss over the answers of `examples` (right-padded together), the positions run and the
+        answer tokens the loss averages over."""
         rows = [self.inputs(ex) for ex in examples]
         if len(rows) == 1:
             embeds, labels = rows[0]
@@ -192,25 +203,32 @@ class Trainer:
             mask = mask.to(embeds.device)
         with scaled_lora(self.model.llm, self.config.lora_scale):
             out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
-        return out.loss, int(embeds.shape[0] * embeds.shape[1])
+        answered = int((labels[:, 1:] != prompts.IGNORE_INDEX).sum())  # the positions the shifted loss averages
+        return out.loss, int(embeds.shape[0] * embeds.shape[1]), answered
 
     # -- one step, evaluation ---------------------------------------------------------------------------------
     def train_step(self, stop) -> StepLog | None:
         """One optimizer step over `grad_accum` forward passes; None when `stop()` asked to stop before it ended."""
-        config, step = self.config, self.progress.step
-        started, losses, tokens = time.perf_counter(), [], 0
-        per_step = config.examples_per_step
+        config, step, ranks = self.config, self.progress.step, self.ranks
+        started, losses, tokens, answer_tokens = time.perf_counter(), [], 0, 0
+        per_step, per_pass = config.examples_per_step, config.batch_size * ranks.world
         lr = self.scheduler.get_last_lr()[0]
+        if ranks.distributed and summed(ranks, [float(stop())])[0]:  # every rank stops here, or none does
+            return None
         for micro in range(config.grad_accum):
-            if stop():
+            if not ranks.distributed and stop():
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
-            first = step * per_step + micro * config.batch_size
+            first = step * per_step + micro * per_pass + ranks.rank * config.batch_size
             batch = [self.train_set[self.order(p)] for p in range(first, first + config.batch_size)]
-            loss, count = self.batch_loss(batch)
-            self.scaler.scale(loss / config.grad_accum).backward()
+            loss, count, answered = self.batch_loss(batch)
+            # alone: the mean of the passes' means, as before; in a job: each pass weighted by its answer tokens
+            self.scaler.scale(loss * answered if ranks.distributed else loss / config.grad_accum).backward()
             losses.append(float(loss.detach()))
             tokens += count
+            answer_tokens += answered
+        if ranks.distributed:
+            losses = [self._average_gradients(answer_tokens, losses)]
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.max_grad_norm)
         self.scaler.step(self.optimizer)
@@ -224,12 +242,24 @@ class Trainer:
         memory = torch.cuda.max_memory_allocated(self.model.device) if self.model.device.type == "cuda" else None
         return StepLog(self.progress.step, self.total, self.progress.losses[-1], lr, tokens / seconds, seconds, memory)
 
+    def _average_gradients(self, answer_tokens: int, losses: list[float]) -> float:
+        """Sum every rank's token-weighted gradients and divide by all ranks' answer tokens: the gradient of the
+        mean loss over the whole step's answers. Returns that mean loss (for the log)."""
+        import torch.distributed as dist
+
+        mean_loss = sum(losses) / len(losses)
+        totals = summed(self.ranks, [float(answer_tokens), mean_loss * answer_tokens])
+        for param in self.params.values():
+            dist.all_reduce(param.grad)
+            param.grad.div_(totals[0])
+        return totals[1] / totals[0]
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the validation examples, dropout off (each example weighs the same)."""
         self.model.eval()
         try:
-            losses = [float(self.batch_loss([ex])[0]) for ex in self.val_set]
+            losses = [float(self.batch_loss([ex])[0]) for ex in self.val_set]  # the same on every rank
         finally:
             self._train_mode()
         return sum(losses) / len(losses)
@@ -311,6 +341,8 @@ class Trainer:
         reporter.message(f"eval  step {step}/{self.total}  val loss {loss:.4f} ({len(self.val_set)} examples)")
 
     def _save(self, out_dir: Path, session_start: float, reporter: Reporter) -> None:
+        if not self.ranks.main:  # every rank holds the same weights: rank 0 writes them
+            return
         state = self.state()
         state["wall_s"] = self.progress.wall_s + time.perf_counter() - session_start
         save_state(out_dir, state)
