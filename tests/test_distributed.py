@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests.launchers import rank_pids
 from tests.test_cli_tasks import FAST, salmonn
 
 LAUNCH_TIMEOUT_S = 300
@@ -110,20 +111,6 @@ def test_two_nodes_on_loopback(tiny, manifest, alone, tmp_path):
     assert _results(out) == alone
 
 
-def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
-    """The launcher's worker processes by rank (read from their environments)."""
-    pids = {}
-    for child in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
-        try:
-            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        except FileNotFoundError:
-            continue
-        ranks = [v.split(b"=", 1)[1] for v in environ if v.startswith(b"RANK=")]
-        if ranks:
-            pids[int(ranks[0])] = int(child)
-    return pids
-
-
 def test_a_killed_rank_leaves_whole_files_and_a_rerun_finishes_the_rest(tiny, manifest, alone, tmp_path):
     out = tmp_path / "out"
     slow = ["--max-new-tokens", "60", "--beams", "4"]  # the FAST settings, decoded longer: time to kill mid-run
@@ -134,7 +121,7 @@ def test_a_killed_rank_leaves_whole_files_and_a_rerun_finishes_the_rest(tiny, ma
         while not list(out.glob("results.rank*.jsonl")) and launcher.poll() is None:  # the first answer is in
             assert time.monotonic() < deadline, "no rank answered anything"
             time.sleep(0.05)
-        pids = _rank_pids(launcher)
+        pids = rank_pids(launcher)
         assert 1 in pids, f"rank 1 was not found among the launcher's children: {pids}"
         os.kill(pids[1], signal.SIGKILL)
         _, stderr = launcher.communicate(timeout=LAUNCH_TIMEOUT_S)

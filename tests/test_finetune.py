@@ -3,6 +3,7 @@ the saved checkpoint, first-step loss = `model.loss`, resume after SIGKILL and C
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -30,6 +31,7 @@ from salmonn_cli.llm import lora_scales
 from tests.speech import SENTENCES, espeak
 
 from .conftest import make_tiny
+from .launchers import rank_pids
 
 RESPONSES = ("a fox", "red box", "rain", "violin")  # short answers: a few steps can fit them
 
@@ -399,3 +401,45 @@ def test_two_processes_of_batch_one_reach_one_process_of_batch_two(tiny, data_di
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)  # each step's loss: the mean over both ranks' answers
     resumed_alone = run_cli(*train_args(tiny, data_dir, tmp_path / "two", *step, "--batch-size", "1", "--resume"))
     assert resumed_alone.returncode == 2 and "processes 2 -> 1" in resumed_alone.stderr
+
+
+def _torchrun_finetune(tiny: Path, data_dir: Path, out: Path, *extra) -> list[str]:
+    args = train_args(tiny, data_dir, out, "--steps", "20", "--grad-accum", "1", "--lora-dropout", "0", *extra)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "salmonn_cli", *map(str, args)]  # fmt: skip
+
+
+def test_a_two_process_run_killed_after_a_save_resumes_to_the_same_weights(tiny, data_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run(_torchrun_finetune(tiny, data_dir, tmp_path / "straight"), capture_output=True,
+                              text=True, timeout=300, env=env)  # fmt: skip
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "killed"
+    launcher = subprocess.Popen(_torchrun_finetune(tiny, data_dir, out), stderr=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, text=True, env=env)  # fmt: skip
+
+    def kill_all() -> None:  # the ranks run in sessions of their own: each is killed by its pid
+        for pid in [*rank_pids(launcher).values(), launcher.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    watchdog = threading.Timer(300, kill_all)
+    watchdog.start()
+    try:
+        for line in launcher.stderr:
+            if line.startswith("saved state at step 2"):
+                kill_all()  # both ranks and the launcher, at once
+                break
+        launcher.wait()
+    finally:
+        watchdog.cancel()
+    assert launcher.returncode != 0 and (out / "state.pt").is_file() and not (out / "salmonn.pth").exists()
+    saved = torch.load(out / "state.pt", weights_only=False)["step"]  # 2, or a later save the kill came after
+    assert 2 <= saved < 20
+    resumed = subprocess.run(_torchrun_finetune(tiny, data_dir, out, "--resume"), capture_output=True, text=True,
+                             timeout=300, env=env)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [line.split()[1] for line in resumed.stderr.splitlines() if line.startswith("step ")]
+    assert steps == [f"{k}/20" for k in range(saved + 1, 21)]  # it went on from the saved step, not from 0
+    assert_same_tensors(torch.load(out / "salmonn.pth", weights_only=True)["model"],
+                        torch.load(tmp_path / "straight" / "salmonn.pth", weights_only=True)["model"])  # fmt: skip
