@@ -92,6 +92,17 @@ def process_group(ranks: Ranks, device: str) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def main_first(ranks: Ranks) -> Iterator[None]:
+    """Rank 0 runs the block before the others do (a download into the shared cache: then the others find it
+    there); alone, it just runs."""
+    if not ranks.main:
+        barrier(ranks)
+    yield
+    if ranks.main:
+        barrier(ranks)
+
+
 def barrier(ranks: Ranks) -> None:
     """Every rank waits here for the others (a no-op alone)."""
     if ranks.distributed:

@@ -103,7 +103,7 @@ def _train(config, few_shot: Path, out_dir: Path, val: Path | None, val_split: f
 
     Under a launcher, every rank trains a replica on its own device on its share of each step (see
     finetune.train); rank 0 prints and writes."""
-    from ..distributed import barrier, device_for, launched, process_group
+    from ..distributed import device_for, launched, main_first, process_group
     from ..finetune.save import check_output_dir
     from .runner import stderr
 
@@ -111,11 +111,8 @@ def _train(config, few_shot: Path, out_dir: Path, val: Path | None, val_split: f
     config = replace(config, processes=ranks.world)
     check_output_dir(out_dir, resume=resume)  # before anything slow: a taken folder is a usage error
     with process_group(ranks, device_for(ranks, options["device"])):  # joined after each rank checked the folder
-        if ranks.distributed and not ranks.main:
-            barrier(ranks)  # rank 0 downloads what is missing; the others then find it in the cache
-        choice, spec_name = _resolved_choice(options, config, ranks)
-        if ranks.distributed and ranks.main:
-            barrier(ranks)
+        with main_first(ranks):  # rank 0 downloads what is missing; the others then find it in the cache
+            choice, spec_name = _resolved_choice(options, config, ranks)
         code, run = _fit(config, few_shot, out_dir, val, val_split, resume, choice, spec_name, ranks)
     if not ranks.main or code:
         return code

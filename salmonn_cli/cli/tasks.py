@@ -69,7 +69,7 @@ def _run_probed(task: Task, probed: ProbedInputs, options: dict, fmt: str, write
     Under a launcher (torchrun, `accelerate launch`) each rank runs its share of the inputs not yet done, on its
     own device, appending to its own results file; rank 0 folds those into results.jsonl at the end (and at the
     start, so a crashed job's are kept), and reports for the whole job."""
-    from ..distributed import barrier, device_for, launched, process_group
+    from ..distributed import barrier, device_for, launched, main_first, process_group
     from .batch import RANK_RESULTS, OutputPlan, merge_results, unique_names
 
     ranks = launched()
@@ -102,17 +102,17 @@ def _run_probed(task: Task, probed: ProbedInputs, options: dict, fmt: str, write
         if ranks.main and plan.output_dir is not None:
             merge_results(plan.output_dir)  # a crashed job's shards, before any rank appends to its own
         barrier(ranks)  # every rank has its list of what is left, and nothing has been written yet
-        if ranks.distributed:  # rank 0 downloads what is missing; then every rank finds it in the cache
-            if ranks.main:
+        with main_first(ranks):  # rank 0 downloads what is missing; then every rank finds it in the cache
+            if ranks.main and ranks.distributed:
                 resolve_model(choice)
-            barrier(ranks)
         loaded = open_model(choice)
-        code = run_task(loaded, task, ranks.share(pending), decode_choice(options), plan, settings,
-                        failed=list(bad.values()) if ranks.main else [], skipped=len(good) - len(pending) if ranks.main
-                        else 0, ranks=ranks)  # fmt: skip
+        # rank 0 counts the inputs refused and those found done, for the whole job's summary
+        refused, found_done = (list(bad.values()), len(good) - len(pending)) if ranks.main else ([], 0)
+        code = run_task(loaded, task, ranks.share(pending), decode_choice(options), plan, settings, failed=refused,
+                        skipped=found_done, ranks=ranks)  # fmt: skip
         barrier(ranks)
-        if ranks.main and plan.output_dir is not None and ranks.distributed:
-            merge_results(plan.output_dir)
+        if ranks.main and plan.output_dir is not None:
+            merge_results(plan.output_dir)  # the ranks' files (none alone)
     if code:
         raise typer.Exit(code)
 

@@ -78,9 +78,11 @@ class Guard:
             outcome = f"{CLIENT_GONE} (the client went away; its work was stopped)"
         self.log.line(f"{request_id} {scope['method']} {scope['path']} {outcome} {seconds:.2f}s")
 
+    def _limit(self, scope) -> int:
+        return self.config.max_json_bytes if scope["path"] in JSON_PATHS else self.config.max_upload_bytes
+
     async def _forward(self, scope, receive, send, status) -> None:
-        limit = self.config.max_json_bytes if scope["path"] in JSON_PATHS else self.config.max_upload_bytes
-        received = 0
+        limit, received = self._limit(scope), 0
 
         async def counted_receive():
             nonlocal received
@@ -109,9 +111,8 @@ class Guard:
                 raise ApiError(401, "a valid API key is needed: Authorization: Bearer <key> (--api-key)",
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
         declared = headers.get("content-length")
-        limit = self.config.max_json_bytes if scope["path"] in JSON_PATHS else self.config.max_upload_bytes
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise BodyTooLarge(limit)
+        if declared is not None and declared.isdigit() and int(declared) > self._limit(scope):
+            raise BodyTooLarge(self._limit(scope))
 
 
 def _loopback_host(host: str) -> bool:
