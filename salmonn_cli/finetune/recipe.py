@@ -45,6 +45,7 @@ def run_finetune(
     """
     from ..distributed import ALONE
     from .state import load_state
+    from .target import SalmonnTraining
     from .train import Trainer
 
     out_dir = Path(out_dir)
@@ -55,7 +56,9 @@ def run_finetune(
         "val_sha256": data.val_sha256,
     }
     ranks = ranks or ALONE
-    trainer = Trainer(model, config, data.train, data.val, identity=identity, ranks=ranks)
+    target = SalmonnTraining(model, connector=config.train_connector, lora_dropout=config.lora_dropout,
+                             lora_scale=config.lora_scale, max_text_tokens=config.max_text_tokens)  # fmt: skip
+    trainer = Trainer(target, config, data.train, data.val, identity=identity, ranks=ranks)
     try:
         if resume:
             trainer.load(load_state(out_dir))

@@ -26,19 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from .. import prompt as prompts
-from ..audio import load_audio
-from ..checkpoint import original_lora_key
 from ..distributed import ALONE, Ranks, summed
 from ..errors import UsageError
-from ..llm import input_embeddings, scaled_lora
 from ..stop import note_terminated
 from .config import FinetuneConfig
-from .data import FewShotExample
 from .progress import Reporter, StepLog
 from .state import capture_rng, restore_rng, save_state, trainable_tensors
+from .target import TrainingTarget
 
 
 def training_quantization(mode: str, backend: str = "auto"):
@@ -85,65 +80,34 @@ class _Progress:
 
 
 class Trainer:
-    """One training run of `model` on `train` (and `val`) under `config`; `identity` is stored in every state."""
+    """One training run of `target` (what is trained and how a batch's loss is computed: a `TrainingTarget`) on
+    `train` (and `val`) under `config`; `identity` is stored in every state."""
 
-    def __init__(self, model, config: FinetuneConfig, train, val=(), *, identity: dict | None = None,
-                 ranks: Ranks = ALONE) -> None:  # fmt: skip
+    def __init__(self, target: TrainingTarget, config: FinetuneConfig, train, val=(), *,
+                 identity: dict | None = None, ranks: Ranks = ALONE) -> None:  # fmt: skip
         if not train:
             raise UsageError("no training examples")
         if config.processes != ranks.world:
             raise UsageError(f"the config is for {config.processes} processes, the launcher started {ranks.world}")
-        self.model, self.config, self.ranks = model, config, ranks
+        self.target, self.config, self.ranks = target, config, ranks
         self.train_set, self.val_set = tuple(train), tuple(val)
         self.identity = dict(identity or {})
         self.total = config.total_steps(len(self.train_set))
         self.progress = _Progress()
-        self._cache: dict[Path, object] = {}  # audio file -> encoder outputs, or audio tokens
-        _seed_everything(config.seed)
-        self.params = self._prepare_model()
+        _seed_everything(config.seed)  # before the target draws its dropout masks, or a new part its weights
+        self.params = target.prepare()
+        target.train_mode()
         self.optimizer = torch.optim.AdamW(
             list(self.params.values()), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         # fp16 LLM math on CUDA needs loss scaling for its gradients; float32 (CPU) and bfloat16 do not
-        fp16 = model.device.type == "cuda" and input_embeddings(model.llm).weight.dtype == torch.float16
-        self.scaler = torch.amp.GradScaler(model.device.type, enabled=fp16)
+        self.scaler = torch.amp.GradScaler(target.device.type, enabled=target.float16)
         self._boundary_rng = capture_rng()  # RNG state at the end of the last completed step
 
-    # -- setup -------------------------------------------------------------------------------------------
-    def _prepare_model(self) -> dict[str, nn.Parameter]:
-        """Freeze everything, then un-freeze what is trained; set train/eval modes and checkpointing."""
-        model, config = self.model, self.config
-        self._connector_dtype = model.connector.query_tokens.dtype
-        model.requires_grad_(False)
-        params = {f"llm.{n}": p for n, p in model.llm.named_parameters() if original_lora_key(n)}
-        if not params:
-            raise UsageError("the model has no LoRA weights to train")
-        if config.train_connector:
-            model.connector.float()  # float32 master weights: Adam updates vanish in float16
-            params.update({f"connector.{n}": p for n, p in model.connector.named_parameters()})
-        for p in params.values():
-            p.requires_grad_(True)
-        for module in model.llm.modules():  # LLaMA has no dropout modules of its own: these are LoRA's
-            if isinstance(module, nn.Dropout):
-                module.p = config.lora_dropout
-        _enable_checkpointing(model.llm, True)
-        self._train_mode()
-        return params
-
     def release(self) -> None:
-        """Hand the model back as `load_model` gave it: eval mode, nothing requiring grad, no checkpointing, the
-        connector in the encoders' dtype again (SalmonnModel feeds the encoders in the connector's dtype)."""
-        self.model.requires_grad_(False)
-        self.model.connector.to(self._connector_dtype)
-        _enable_checkpointing(self.model.llm, False)
-        self.model.eval()
-
-    def _train_mode(self) -> None:
-        """Only the trained parts in training mode (dropout); encoders, and the connector when frozen, stay eval."""
-        self.model.eval()
-        self.model.llm.train()
-        self.model.connector.train(self.config.train_connector)
+        """Hand the model back as it was given: eval mode, nothing requiring grad (the target's own rules)."""
+        self.target.release()
 
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up to the full rate over the warm-up steps, then cosine decay to 0 at the last step."""
@@ -161,51 +125,6 @@ class Trainer:
         epoch, offset = divmod(position, n)
         return int(np.random.default_rng([self.config.seed, epoch]).permutation(n)[offset])
 
-    def _audio_tokens(self, example: FewShotExample) -> torch.Tensor:
-        """Audio tokens (1, N, D) of an example. The encoders are frozen, so their outputs are computed once per
-        file and kept in host memory (a few MB each); so are the tokens themselves while the connector is frozen."""
-        key, device = example.audio, self.model.device
-        if key not in self._cache:
-            waveform = load_audio(example.audio)
-            with torch.no_grad():
-                speech, audio = self.model.encode(waveform)  # (1, 1500, Dw), (1, Tb, Db)
-                if self.config.train_connector:
-                    self._cache[key] = (speech.cpu(), audio.cpu())
-                else:
-                    self._cache[key] = self.model.connector(speech, audio).cpu()  # (1, N, D)
-        cached = self._cache[key]
-        if not self.config.train_connector:
-            return cached.to(device)
-        dtype = self.model.connector.query_tokens.dtype  # float32 master weights, maybe float16 encoders
-        return self.model.connector(cached[0].to(device, dtype), cached[1].to(device, dtype))
-
-    def inputs(self, example: FewShotExample) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs_embeds (1, T, D), labels (1, T)) of one example, as `SalmonnModel.training_inputs` builds them."""
-        tokens = self._audio_tokens(example)
-        targets = prompts.target_ids(self.model.tokenizer, example.response, self.config.max_text_tokens)
-        table = input_embeddings(self.model.llm)
-        ids = self.model.prompt_ids(example.instruction)
-        return prompts.assemble_training(table, ids, tokens, self.model.tokenizer.bos_token_id, targets)
-
-    def batch_loss(self, examples) -> tuple[torch.Tensor, int, int]:
-        """Mean next-token loss over the answers of `examples` (right-padded together), the positions run and the
-        answer tokens the loss averages over."""
-        rows = [self.inputs(ex) for ex in examples]
-        if len(rows) == 1:
-            embeds, labels = rows[0]
-            mask = None  # one row: exactly the computation `SalmonnModel.loss` does
-        else:
-            length = max(e.shape[1] for e, _ in rows)
-            embeds = torch.cat([nn.functional.pad(e, (0, 0, 0, length - e.shape[1])) for e, _ in rows])
-            ignored = prompts.IGNORE_INDEX
-            labels = torch.cat([nn.functional.pad(lab, (0, length - lab.shape[1]), value=ignored) for _, lab in rows])
-            mask = torch.cat([(torch.arange(length) < e.shape[1])[None] for e, _ in rows]).long()
-            mask = mask.to(embeds.device)
-        with scaled_lora(self.model.llm, self.config.lora_scale):
-            out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
-        answered = int((labels[:, 1:] != prompts.IGNORE_INDEX).sum())  # the positions the shifted loss averages
-        return out.loss, int(embeds.shape[0] * embeds.shape[1]), answered
-
     # -- one step, evaluation ---------------------------------------------------------------------------------
     def train_step(self, stop) -> StepLog | None:
         """One optimizer step over `grad_accum` forward passes; None when `stop()` asked to stop before it ended."""
@@ -221,7 +140,7 @@ class Trainer:
                 return None
             first = step * per_step + micro * per_pass + ranks.rank * config.batch_size
             batch = [self.train_set[self.order(p)] for p in range(first, first + config.batch_size)]
-            loss, count, answered = self.batch_loss(batch)
+            loss, count, answered = self.target.batch_loss(batch)
             # alone: the mean of the passes' means, as before; in a job: each pass weighted by its answer tokens
             self.scaler.scale(loss * answered if ranks.distributed else loss / config.grad_accum).backward()
             losses.append(float(loss.detach()))
@@ -239,7 +158,8 @@ class Trainer:
         self.progress.losses.append(sum(losses) / len(losses))
         self._boundary_rng = capture_rng()
         seconds = time.perf_counter() - started
-        memory = torch.cuda.max_memory_allocated(self.model.device) if self.model.device.type == "cuda" else None
+        device = self.target.device
+        memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         return StepLog(self.progress.step, self.total, self.progress.losses[-1], lr, tokens / seconds, seconds, memory)
 
     def _average_gradients(self, answer_tokens: int, losses: list[float]) -> float:
@@ -257,11 +177,11 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the validation examples, dropout off (each example weighs the same)."""
-        self.model.eval()
+        self.target.eval_mode()
         try:
-            losses = [float(self.batch_loss([ex])[0]) for ex in self.val_set]  # the same on every rank
+            losses = [float(self.target.batch_loss([ex])[0]) for ex in self.val_set]  # the same on every rank
         finally:
-            self._train_mode()
+            self.target.train_mode()
         return sum(losses) / len(losses)
 
     # -- state ---------------------------------------------------------------------------------------------
@@ -385,17 +305,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def _enable_checkpointing(llm: nn.Module, on: bool) -> None:
-    """Recompute each decoder layer's activations in the backward pass instead of keeping them (memory for time).
-    Non-reentrant checkpointing needs no `enable_input_require_grads` and keeps dropout masks (it restores RNG)."""
-    if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.x; the old names warn
-        if on:
-            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            llm.activation_checkpointing_disable()
-    elif on:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        llm.gradient_checkpointing_disable()
