@@ -36,7 +36,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 BUILTIN_DIR = Path(__file__).resolve().parent / "models"
 BUILTIN_DEFAULT = "salmonn-13b"  # what every command loads unless --model says otherwise
 ROLES = ("whisper", "beats", "llm", "checkpoint")
-FOLDER_ROLES = frozenset({"whisper", "llm"})  # Hugging Face folders; beats and checkpoint are single files
+# Hugging Face folders (wavlm: `salmonn train`'s other encoder); beats and checkpoint are single files
+FOLDER_ROLES = frozenset({"whisper", "llm", "wavlm"})
 REPO_TYPES = ("model", "space", "dataset")
 _PUBLISHED_WINDOW_S = 0.333333  # the audio each token reads (17 Whisper frames), as the original's config writes it
 WAKE_UP_LORA_SCALE = 2.0  # the paper: about half the trained scaling wakes stories, spoken QA and translation
@@ -189,12 +190,12 @@ def parse_model_file(path: Path, *, builtin: bool = False) -> ModelSpec:
         raise CheckpointError(f"cannot read model file: {exc}", path=path) from None
     except tomllib.TOMLDecodeError as exc:
         raise CheckpointError(f"model file is not valid TOML: {exc}", path=path) from None
-    top = _Table(data, "", path)
+    top = TomlTable(data, "", path)
     name = top.take("name", str)
     description = top.take("description", str, "")
-    components = {role: _component(role, top.take(role, dict), path) for role in ROLES}
-    settings = _settings(_Table(top.take("settings", dict, {}), "settings", path))
-    sizes = _sizes(_Table(top.take("sizes", dict), "sizes", path))
+    components = {role: component_spec(role, top.take(role, dict), path) for role in ROLES}
+    settings = _settings(TomlTable(top.take("settings", dict, {}), "settings", path))
+    sizes = _sizes(TomlTable(top.take("sizes", dict), "sizes", path))
     top.done()
     return ModelSpec(name, description, **components, settings=settings, sizes=sizes, file=path, builtin=builtin)
 
@@ -213,17 +214,25 @@ def with_local_components(spec: ModelSpec, **paths: str | Path | None) -> ModelS
 
 
 # ---------------------------------------------------------------- parsing helpers
-class _Table:
-    """One TOML table being read: typed `take`s, then `done` rejects any field nobody took (typos fail loudly)."""
+class TomlTable:
+    """One TOML table being read: typed `take`s, then `done` rejects any field nobody took (typos fail loudly).
 
-    def __init__(self, data: dict, where: str, file: Path) -> None:
+    `error(message, path=, key=)` makes the exception a problem raises (model files: CheckpointError, exit 4)."""
+
+    def __init__(self, data: dict, where: str, file: Path, *, error=CheckpointError, what: str = "model file") -> None:
         self.data, self.where, self.file = dict(data), where, file
+        self._error, self._what = error, what
 
     def key(self, name: str) -> str:
         return f"{self.where}.{name}" if self.where else name
 
-    def fail(self, name: str, problem: str) -> CheckpointError:
-        return CheckpointError(f"malformed model file: {problem}", path=self.file, key=self.key(name))
+    def fail(self, name: str, problem: str) -> Exception:
+        return self._error(f"malformed {self._what}: {problem}", path=self.file, key=self.key(name))
+
+    def table(self, name: str, default=_MISSING) -> "TomlTable":
+        """The sub-table `name`, read the same way."""
+        data = self.take(name, dict, default)
+        return TomlTable(data, self.key(name), self.file, error=self._error, what=self._what)
 
     def take(self, name: str, kind: type | tuple[type, ...], default=_MISSING):
         value = self.data.pop(name, _MISSING)
@@ -253,8 +262,11 @@ class _Table:
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "a table", list: "a list"}
 
 
-def _component(role: str, data: dict, file: Path) -> ComponentSpec:
-    table = _Table(data, role, file)
+def component_spec(role: str, data: dict, file: Path, *, where: str | None = None, **reading) -> ComponentSpec:
+    """One component's table (a local `path`, relative to `file`, or Hub `sources`) -> its ComponentSpec.
+
+    `where`: the table's key in the file (default the role); `reading`: TomlTable's `error` and `what`."""
+    table = TomlTable(data, where or role, file, **reading)
     local = table.take("path", str, None)
     raw_sources = table.take("sources", list, None)
     size = table.take_positive("size", int, None)
@@ -266,15 +278,15 @@ def _component(role: str, data: dict, file: Path) -> ComponentSpec:
         return ComponentSpec(role, path=(file.parent / Path(local).expanduser()).resolve(), size=size)
     if not raw_sources:
         raise table.fail("sources", "the list of sources is empty")
-    sources = tuple(_source(role, i, item, file) for i, item in enumerate(raw_sources))
+    sources = tuple(_source(role, i, item, file, table) for i, item in enumerate(raw_sources))
     return ComponentSpec(role, sources=sources, size=size)
 
 
-def _source(role: str, index: int, data: object, file: Path) -> HubSource:
-    where = f"{role}.sources[{index}]"
+def _source(role: str, index: int, data: object, file: Path, parent: TomlTable) -> HubSource:
+    where = f"{parent.where}.sources[{index}]"
     if not isinstance(data, dict):
-        raise CheckpointError("malformed model file: each source must be a table", path=file, key=where)
-    t = _Table(data, where, file)
+        raise parent.fail(f"sources[{index}]", "each source must be a table")
+    t = TomlTable(data, where, file, error=parent._error, what=parent._what)
     repo, repo_type = t.take("repo", str), t.take("repo_type", str, "model")
     revision, rel_file, folder = t.take("revision", str, "main"), t.take("file", str, None), t.take("folder", str, None)
     allow, size, sha256 = t.take("allow", list, None), t.take_positive("size", int, None), t.take("sha256", str, None)
@@ -306,12 +318,12 @@ def _source(role: str, index: int, data: object, file: Path) -> HubSource:
     return HubSource(repo, repo_type, revision, file=rel_file, size=size, sha256=sha256)
 
 
-def _check_relative(table: _Table, name: str, value: str) -> None:
+def _check_relative(table: TomlTable, name: str, value: str) -> None:
     if value.startswith("/") or ".." in value.split("/") or "\\" in value:
         raise table.fail(name, f"{value!r} must be a path inside the repo, with / separators")
 
 
-def _settings(t: _Table) -> ModelSettings:
+def _settings(t: TomlTable) -> ModelSettings:
     default = ModelSettings()
     settings = ModelSettings(
         second_per_window=float(t.take_positive("second_per_window", (float, int), default.second_per_window)),
@@ -329,7 +341,7 @@ def _settings(t: _Table) -> ModelSettings:
     return settings
 
 
-def _sizes(t: _Table) -> ModelSizes:
+def _sizes(t: TomlTable) -> ModelSizes:
     # 13.0e9 reads better than 13_000_000_000 in a hand-written file; counts are whole numbers either way
     sizes = ModelSizes(**{f.name: int(t.take_positive(f.name, (int, float))) for f in dataclasses.fields(ModelSizes)})
     t.done()

@@ -76,7 +76,8 @@ def target_ids(tokenizer: "Tokenizer", target_text: str, max_txt_len: int) -> tu
     return tokenizer.encode(target_text + END_SYMBOL)[:max_txt_len]
 
 
-def _embed(table: "nn.Module", ids: tuple[int, ...], device: "torch.device") -> "torch.Tensor":
+def embed_ids(table: "nn.Module", ids: tuple[int, ...], device: "torch.device") -> "torch.Tensor":
+    """Token ids -> their embeddings from `table`: (1, n, D)."""
     import torch
 
     return table(torch.tensor([ids], dtype=torch.long, device=device))  # (1, n, D)
@@ -87,8 +88,8 @@ def assemble_inputs(table: "nn.Module", ids: PromptIds, audio_tokens: "torch.Ten
     import torch
 
     device = audio_tokens.device
-    parts = [_embed(table, (bos_id,), device), _embed(table, ids.before, device)]
-    parts += [audio_tokens.to(parts[0].dtype), _embed(table, ids.after, device)]
+    parts = [embed_ids(table, (bos_id,), device), embed_ids(table, ids.before, device)]
+    parts += [audio_tokens.to(parts[0].dtype), embed_ids(table, ids.after, device)]
     return torch.cat(parts, dim=1)
 
 
@@ -99,7 +100,7 @@ def assemble_training(
     import torch
 
     prompt = assemble_inputs(table, ids, audio_tokens, bos_id)  # (1, P, D)
-    embeds = torch.cat([prompt, _embed(table, targets, prompt.device)], dim=1)
+    embeds = torch.cat([prompt, embed_ids(table, targets, prompt.device)], dim=1)
     labels = torch.full((1, embeds.shape[1]), IGNORE_INDEX, dtype=torch.long, device=prompt.device)
     labels[0, prompt.shape[1] :] = torch.tensor(targets, dtype=torch.long)
     return embeds, labels
@@ -135,18 +136,3 @@ def translate_instruction(language: str) -> str:
         raise UsageError("--to needs a language, e.g. --to German")
     name = LANGUAGE_NAMES.get(name.lower(), name[:1].upper() + name[1:])
     return TASK_INSTRUCTIONS["translate"].format(language=name)
-
-
-def assemble_labelled_inputs(table: "nn.Module", ids: PromptIds, parts: list[tuple[tuple[int, ...], "torch.Tensor"]],
-                             bos_id: int) -> "torch.Tensor":  # fmt: skip
-    """Several audio pieces in one prompt, each after its own text label (e.g. its time span):
-    `[bos, before, label_1, audio_1, label_2, audio_2, ..., after]`: (1, T, D). Used to ask about long audio as
-    a whole; the published models were trained with one piece, so this is an extension, not the original."""
-    import torch
-
-    device = parts[0][1].device
-    pieces = [_embed(table, (bos_id,), device), _embed(table, ids.before, device)]
-    for label_ids, audio in parts:
-        pieces += [_embed(table, label_ids, device), audio.to(pieces[0].dtype)]
-    pieces.append(_embed(table, ids.after, device))
-    return torch.cat(pieces, dim=1)

@@ -13,8 +13,6 @@ decoding); the stages below them do the work and nothing else.
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,12 +22,11 @@ from torch import nn
 
 from .. import prompt as prompts
 from ..audio import model_window
-from ..decode_options import DecodeOptions, decode_options
 from ..errors import UsageError
 from ..features import beats_fbank, whisper_log_mel
-from ..generate import GenerationResult, Timings, decode_batch
 from ..llm import input_embeddings, scaled_lora
 from ..tokenizer import Tokenizer
+from .language import AudioLanguageModel
 from .qformer import SpeechConnector, WindowSpec
 
 
@@ -42,7 +39,7 @@ class SalmonnSettings:
     prompt_template: str = prompts.PROMPT_TEMPLATE
 
 
-class SalmonnModel(nn.Module):
+class SalmonnModel(AudioLanguageModel):
     """The assembled model. Build it with `salmonn_cli.load_model`."""
 
     def __init__(
@@ -133,165 +130,6 @@ class SalmonnModel(nn.Module):
             for j, i in enumerate(rows):
                 out[i] = encoded[j : j + 1]
         return out
-
-    # -- LLM inputs --------------------------------------------------------------------------------------
-    @property
-    def context_length(self) -> int:
-        """Tokens the LLM holds: prompt, audio tokens and answer together."""
-        return self.llm.config.max_position_embeddings
-
-    def prompt_ids(self, prompt: str) -> prompts.PromptIds:
-        return prompts.prompt_ids(self.tokenizer, prompt, self.settings.prompt_template)
-
-    def inputs_embeds(self, audio_tokens: torch.Tensor, prompt: str) -> torch.Tensor:
-        """`[bos, before, audio, after]` embeddings: (1, 1 + Nb + N + Na, D)."""
-        table = input_embeddings(self.llm)
-        return prompts.assemble_inputs(table, self.prompt_ids(prompt), audio_tokens, self.tokenizer.bos_token_id)
-
-    def labelled_inputs_embeds(self, labels: Sequence[str], audio_tokens: torch.Tensor, prompt: str) -> torch.Tensor:
-        """One prompt holding several clips' audio tokens (S, N, D), each after its text label: (1, T, D).
-
-        `[bos, before, label_1, audio_1, ..., label_S, audio_S, after]`; the published models were trained with one
-        clip per prompt, so this is an extension (asking about long audio as a whole), not the original.
-        """
-        parts = [(self.tokenizer.encode(label), audio_tokens[i : i + 1]) for i, label in enumerate(labels)]
-        table = input_embeddings(self.llm)
-        return prompts.assemble_labelled_inputs(table, self.prompt_ids(prompt), parts, self.tokenizer.bos_token_id)
-
-    def _scale(self, scale: float | None) -> float:
-        if scale is None:
-            return self.settings.trained_lora_scale
-        if not math.isfinite(scale) or scale < 0:
-            raise UsageError(f"lora_scale must be a finite number >= 0 (0 turns LoRA off), got {scale!r}")
-        return float(scale)
-
-    @torch.inference_mode()
-    def next_token_logits(self, inputs_embeds: torch.Tensor, *, lora_scale: float | None = None) -> torch.Tensor:
-        """LLM logits at the last position (the first generated token's): (V,)."""
-        with scaled_lora(self.llm, self._scale(lora_scale)):
-            out = self.llm(inputs_embeds=inputs_embeds.to(self.device), use_cache=False)
-        return out.logits[0, -1].float()
-
-    # -- generation ----------------------------------------------------------------------------------------
-    def generate(
-        self,
-        waveform: np.ndarray,
-        prompt: str,
-        options: DecodeOptions | None = None,
-        *,
-        lora_scale: float | None = None,
-        generator: torch.Generator | None = None,
-        **changes,
-    ) -> GenerationResult:
-        """Answer `prompt` about the first 30 s of `waveform` (1-D float32, 16 kHz), as the original does.
-
-        `options` (default `DecodeOptions()`: the original's beams 4, 200 new tokens, no sampling), with any of
-        its fields changed by keyword (`max_new_tokens=8`); `lora_scale` overrides the trained scaling for this call.
-        """
-        options = decode_options(options, **changes)
-        start = time.perf_counter()
-        tokens = self.audio_tokens(waveform)
-        encoded = time.perf_counter()
-        result = self.answer(tokens, prompt, options, lora_scale=lora_scale, generator=generator)
-        done = time.perf_counter()
-        timings = Timings(encode_s=encoded - start, decode_s=done - encoded, total_s=done - start)
-        return GenerationResult(result.text, result.token_ids, timings)
-
-    def generate_batch(
-        self,
-        waveforms: Sequence[np.ndarray],
-        prompt: str,
-        options: DecodeOptions | None = None,
-        *,
-        batch_size: int = 8,
-        lora_scale: float | None = None,
-        generator: torch.Generator | None = None,
-        **changes,
-    ) -> list[GenerationResult]:
-        """`generate` for many clips (each at most 30 s is heard), `batch_size` clips encoded and decoded together.
-
-        Without sampling, result i equals `generate(waveforms[i], prompt, ...)`. Timings: each batch's encode and
-        decode wall times split evenly over its clips, so they add up to the wall time of the whole call.
-        """
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        options = decode_options(options, **changes)
-        waveforms = list(waveforms)
-        results: list[GenerationResult] = []
-        for first in range(0, len(waveforms), batch_size):
-            chunk = waveforms[first : first + batch_size]
-            start = time.perf_counter()
-            tokens = self.audio_tokens_batch(chunk)
-            encoded = time.perf_counter()
-            answers = self.answer_batch(tokens, prompt, options, lora_scale=lora_scale, generator=generator)
-            encode_s, decode_s = (encoded - start) / len(chunk), (time.perf_counter() - encoded) / len(chunk)
-            timings = Timings(encode_s=encode_s, decode_s=decode_s, total_s=encode_s + decode_s)
-            results += [GenerationResult(a.text, a.token_ids, timings) for a in answers]
-        return results
-
-    @torch.inference_mode()
-    def answer(
-        self,
-        audio_tokens: torch.Tensor,
-        prompt: str,
-        options: DecodeOptions | None = None,
-        *,
-        lora_scale: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> GenerationResult:
-        """Generate from audio tokens already computed (so a chat can ask many questions about one clip).
-
-        `options` defaults to the original's decoding (`DecodeOptions()`: beams 4, 200 new tokens).
-        """
-        return self._answer_rows(self.inputs_embeds(audio_tokens, prompt), options, lora_scale, generator)[0]
-
-    @torch.inference_mode()
-    def answer_embeds(
-        self,
-        inputs_embeds: torch.Tensor,
-        options: DecodeOptions | None = None,
-        *,
-        lora_scale: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> GenerationResult:
-        """Generate from one prompt already embedded, (1, T, D) (e.g. `labelled_inputs_embeds`)."""
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
-            raise UsageError(f"answer_embeds takes one prompt (1, T, D), got {tuple(inputs_embeds.shape)}")
-        return self._answer_rows(inputs_embeds, options, lora_scale, generator)[0]
-
-    @torch.inference_mode()
-    def answer_batch(
-        self,
-        audio_tokens: torch.Tensor,
-        prompt: str,
-        options: DecodeOptions | None = None,
-        *,
-        lora_scale: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> list[GenerationResult]:
-        """`answer` for B clips' audio tokens (B, N, D) with one prompt, decoded together (`decode_batch`).
-
-        Without sampling row i gets `answer(audio_tokens[i:i+1], ...)`'s ids; sampled ids depend on the whole
-        batch (one generator, drawn row by row).
-        """
-        embeds = torch.cat([self.inputs_embeds(audio_tokens[i : i + 1], prompt) for i in range(audio_tokens.shape[0])])
-        return self._answer_rows(embeds, options, lora_scale, generator)
-
-    def _answer_rows(self, embeds, options, lora_scale, generator) -> list[GenerationResult]:
-        """Decode every row of `embeds` together and turn each row's ids into text."""
-        tokenizer = self.tokenizer
-        with scaled_lora(self.llm, self._scale(lora_scale)):
-            outs = decode_batch(
-                self.llm,
-                embeds.to(self.device),
-                options or DecodeOptions(),
-                eos_token_id=tokenizer.eos_token_id,
-                bos_token_id=tokenizer.bos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                generator=generator,
-                keep_step_scores=False,
-            )
-        return [GenerationResult(tokenizer.decode(list(out.token_ids)), list(out.token_ids)) for out in outs]
 
     # -- training loss -------------------------------------------------------------------------------------
     def training_inputs(
