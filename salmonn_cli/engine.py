@@ -62,9 +62,9 @@ def _layout(config: Any) -> _Layout:
 
 
 @lru_cache(maxsize=None)
-def _cache_keyword(layer_class: type) -> str:
-    """The decoder layer's cache keyword: `cache` from transformers 5.2x (which deprecates `past_key_values` and
-    drops it in 5.40), `past_key_values` before; a fact of the class, looked up once."""
+def cache_keyword(layer_class: type) -> str:
+    """A decoder layer's (or model's) cache keyword: `cache` from transformers 5.2x (which deprecates
+    `past_key_values` and drops it in 5.40), `past_key_values` before; a fact of the class, looked up once."""
     return "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
 
 
@@ -170,7 +170,7 @@ class LlamaEngine:
             capture = self.device.type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
         self.capture = bool(capture) and self.device.type == "cuda"
         self.masked_steps = self.capture if masked_steps is None else bool(masked_steps) or self.capture
-        self._keyword = _cache_keyword(type(base.model.layers[0]))
+        self._keyword = cache_keyword(type(base.model.layers[0]))
         # caches (and graphs) kept: two row counts on CUDA (greedy and beams, say), one elsewhere (host memory)
         self._keep = KEPT_ROW_COUNTS if self.capture else 1
         self._caches: dict[int, StaticKV] = {}

@@ -46,22 +46,28 @@ def read_llm_config(folder: str | Path):
         raise CheckpointError(f"cannot read the LLM's config: {exc}", path=folder) from None
 
 
+def is_encoder_decoder(folder: str | Path) -> bool:
+    """Whether the LLM in `folder` is an encoder-decoder (T5, Flan-T5) rather than a decoder-only causal LM."""
+    return bool(getattr(read_llm_config(folder), "is_encoder_decoder", False))
+
+
 def load_language_model(
     folder: str | Path, *, dtype: "torch.dtype", device: str, quantization_config=None
 ) -> "nn.Module":
-    """LlamaForCausalLM from an HF folder (safetensors or .bin, sharded or not), frozen, in eval mode.
+    """The LM of an HF folder (safetensors or .bin, sharded or not), frozen, in eval mode: a causal LM (LLaMA,
+    Vicuna, Qwen2, Mistral, ...) or an encoder-decoder one (T5, Flan-T5).
 
     Holds the whole LLM in `dtype` while loading; `llm_stream.load_language_model_by_layer` does not.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     folder = Path(folder)
-    read_llm_config(folder)
+    auto = AutoModelForSeq2SeqLM if is_encoder_decoder(folder) else AutoModelForCausalLM
     kwargs = {"dtype": dtype}
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, device_map={"": device})
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        model = auto.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load the LLM: {exc}", path=folder) from None
     if quantization_config is None:
@@ -70,27 +76,44 @@ def load_language_model(
     return model.eval()
 
 
-def attach_lora(model: "nn.Module", spec: LoraSpec, lora: Mapping[str, "torch.Tensor"], *, path: Path) -> "nn.Module":
-    """Wrap `model` with peft LoRA of the checkpoint's shape and load its tensors, every one accounted for."""
+def wrap_lora(model: "nn.Module", *, rank: int, scale: float, targets, dropout: float) -> "nn.Module":
+    """`model` wrapped by peft with a fresh LoRA adapter (A random, B zero: the wrapped model computes what the
+    model did) of `rank` on the modules named `targets`, scaling `scale` (= lora_alpha / r)."""
+    from quantize import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # peft imports bitsandbytes whenever it is installed, which logs what no user can act on
     from peft import LoraConfig, get_peft_model
 
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=scale * rank,  # scaling = alpha / r = the trained scale
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        bias="none",
+        task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
+    )
+    with warnings.catch_warnings():  # peft still calls a transformers API deprecated in v5; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def lora_tensors(model: "nn.Module") -> dict[str, "torch.Tensor"]:
+    """The adapter's tensors of a wrapped model by their peft names (`base_model.model...lora_A.default.weight`)."""
+    return {name: tensor for name, tensor in model.state_dict().items() if ".lora_" in name}
+
+
+def attach_lora(model: "nn.Module", spec: LoraSpec, lora: Mapping[str, "torch.Tensor"], *, path: Path) -> "nn.Module":
+    """Wrap `model` with peft LoRA of the checkpoint's shape and load its tensors, every one accounted for."""
     n_layers = model.config.num_hidden_layers
     if spec.shape.layers != n_layers:
         raise ShapeMismatchError(
             f"the checkpoint's LoRA covers {spec.shape.layers} layers but the LLM has {n_layers}", path=path
         )
-    config = LoraConfig(
-        r=spec.shape.rank,
-        lora_alpha=spec.trained_scale * spec.shape.rank,  # scaling = alpha / r = trained scale
-        lora_dropout=spec.dropout,
-        target_modules=list(spec.shape.targets),
-        bias="none",
-        task_type="CAUSAL_LM",
+    wrapped = wrap_lora(
+        model, rank=spec.shape.rank, scale=spec.trained_scale, targets=spec.shape.targets, dropout=spec.dropout
     )
-    with warnings.catch_warnings():  # peft still calls a transformers API deprecated in v5; not the user's concern
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        wrapped = get_peft_model(model, config)
-    expected = {k: v for k, v in wrapped.state_dict().items() if ".lora_" in k}
+    expected = lora_tensors(wrapped)
     _check_lora_keys(expected, lora, path)
     import torch
 

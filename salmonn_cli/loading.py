@@ -72,7 +72,7 @@ def load_model(
     paths = ComponentPaths(Path(whisper), Path(beats), Path(llm), Path(checkpoint))
     torch_device = resolve_device(device)
     dtype = dtype or (torch.float16 if torch_device.type == "cuda" else torch.float32)
-    quant = _llm_quantization(quantization, torch_device, dtype)  # a missing backend fails before any load
+    quant = llm_quantization(quantization, torch_device, dtype)  # a missing backend fails before any load
 
     ckpt = read_salmonn_checkpoint(paths.checkpoint)
     whisper_encoder, extractor = load_whisper_encoder(paths.whisper, device=torch_device, dtype=dtype)
@@ -188,7 +188,7 @@ class LlmQuantization(NamedTuple):
     transformers_config: object | None
 
 
-def _llm_quantization(quantization, device, dtype) -> LlmQuantization:
+def llm_quantization(quantization, device, dtype) -> LlmQuantization:
     """What `quantization` means for the LLM on `device`; errors become ours.
 
     Checked before anything is loaded, so a missing backend fails fast.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from salmonn_cli.engine import LlamaEngine, _cache_keyword, engine_for
+from salmonn_cli.engine import LlamaEngine, cache_keyword, engine_for
 from salmonn_cli.llm import lora_scale_tensor, scaled_lora
 from tests.reference import case_paths, load_case
 
@@ -33,7 +33,7 @@ def embeds(lm) -> torch.Tensor:
 def _transformers_logits(lm, embeds: torch.Tensor, fed: list[torch.Tensor]) -> list[torch.Tensor]:
     """Last-position logits of the prompt, then after each fed id: transformers' forward with its dynamic cache."""
     base = lm.get_base_model()
-    keyword = _cache_keyword(type(base))  # `cache` from transformers 5.2x, `past_key_values` before
+    keyword = cache_keyword(type(base))  # `cache` from transformers 5.2x, `past_key_values` before
     out = base(inputs_embeds=embeds, use_cache=True)
     logits, cache, position = [out.logits[:, -1]], getattr(out, keyword), embeds.shape[1]
     for tokens in fed:

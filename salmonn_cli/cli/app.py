@@ -42,13 +42,14 @@ def root(
 
 
 def _register_commands() -> None:
-    from . import bench, chat, finetune, info, live, serve, tasks
+    from . import bench, chat, finetune, info, live, serve, tasks, train
 
     tasks.register(app)
     chat.register(app)
     live.register(app)
     serve.register(app)
     finetune.register(app)
+    train.register(app)
     info.register(app)
     bench.register(app)
 

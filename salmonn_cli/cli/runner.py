@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from ..distributed import ALONE, Ranks, summed
-from ..errors import OutOfMemoryError, SalmonnError
+from ..errors import OutOfMemoryError, SalmonnError, UsageError
 from ..output import Record
 from ..stop import stop_deferred
 from .options import DecodeChoice, ModelChoice
@@ -53,6 +53,11 @@ def warn(message: str) -> None:
 def model_spec_of(choice: ModelChoice):
     """The model file's `ModelSpec` with the user's local components."""
     from ..model_file import load_model_spec, with_local_components
+    from ..train.composed_file import is_composed_model_file
+
+    if is_composed_model_file(choice.model):
+        raise UsageError(f"{choice.model} is a model `salmonn train` built: this command runs the published"
+                         " architecture only (train another stage of the recipe instead)")  # fmt: skip
 
     return with_local_components(
         load_model_spec(choice.model),
@@ -77,7 +82,11 @@ def open_model(choice: ModelChoice) -> LoadedModel:
     it, with progress."""
     from ..hub import resolve_components
     from ..loading import load_model, resolve_device
+    from ..train.composed_file import is_composed_model_file
     from .quant import pick_quantization
+
+    if is_composed_model_file(choice.model):
+        return open_composed(choice)
 
     model_spec = model_spec_of(choice)
     device = resolve_device(choice.device)
@@ -107,6 +116,43 @@ def open_model(choice: ModelChoice) -> LoadedModel:
     checkpoint = model_spec.checkpoint
     known_sha = None if checkpoint.path else next((s.sha256 for s in checkpoint.sources if s.sha256), None)
     return LoadedModel(model, model_spec.name, Path(paths.checkpoint).name, quant.describe(), str(device), known_sha)
+
+
+def open_composed(choice: ModelChoice) -> LoadedModel:
+    """A model `salmonn train` built (its model.toml names the encoder, the LLM and the trained weights)."""
+    import torch
+
+    from ..hub import resolve_component
+    from ..loading import llm_quantization, resolve_device
+    from ..train.composed_file import load_composed, read_composed_file
+
+    if any(p is not None for p in (choice.whisper, choice.beats, choice.llm, choice.checkpoint)):
+        raise UsageError("--whisper/--beats/--llm/--checkpoint replace a published model's components; a trained"
+                         " model's are named in its model.toml")  # fmt: skip
+    spec = read_composed_file(choice.model)
+    device = resolve_device(choice.device)
+    if device.type == "cpu" and choice.device == "auto":
+        warn("no CUDA GPU found: running on the CPU, which is slow")
+    dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32}.get(choice.dtype)
+    dtype = dtype or getattr(torch, choice.dtype)
+    quant = None
+    if choice.quant not in ("auto", "none"):  # auto: these models are small enough to run unquantised
+        from quantize import QuantSpec
+
+        quant = llm_quantization(QuantSpec.parse(choice.quant, backend=choice.quant_backend), device, dtype)
+    arg = spec.file
+    encoder = resolve_component(spec.encoder.component, model_arg=str(arg), offline=choice.offline).path
+    llm = resolve_component(spec.llm, model_arg=str(arg), offline=choice.offline).path
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # our status line says what is loading
+    started = time.perf_counter()
+    with stderr.status(f"Loading {spec.name} on {device}…"):
+        model, _ = load_composed(spec, encoder_path=encoder, llm_path=llm, device=device, dtype=dtype,
+                                 quantization=quant)  # fmt: skip
+    stderr.print(f"[dim]Loaded {spec.name} in {time.perf_counter() - started:.1f} s[/]")
+    described = "none" if quant is None else choice.quant
+    return LoadedModel(model, spec.name, spec.weights.name, described, str(device))
 
 
 def run_task(

@@ -13,6 +13,7 @@ import typer
 from ..errors import UsageError
 from ..longform import LongformSettings
 from ..model_file import WAKE_UP_LORA_SCALE
+from ..train.composed_file import is_composed_model_file
 from .batch import RESULTS_FILE
 from .commands import (
     DECODE_OPTIONS,
@@ -103,7 +104,7 @@ def _run_probed(task: Task, probed: ProbedInputs, options: dict, fmt: str, write
             merge_results(plan.output_dir)  # a crashed job's shards, before any rank appends to its own
         barrier(ranks)  # every rank has its list of what is left, and nothing has been written yet
         with main_first(ranks):  # rank 0 downloads what is missing; then every rank finds it in the cache
-            if ranks.main and ranks.distributed:
+            if ranks.main and ranks.distributed and not is_composed_model_file(choice.model):
                 resolve_model(choice)
         loaded = open_model(choice)
         # rank 0 counts the inputs refused and those found done, for the whole job's summary

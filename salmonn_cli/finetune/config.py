@@ -34,6 +34,7 @@ class FinetuneConfig:
     batch_size: int = 1  # examples per forward pass (padded to the longest); answers are long, memory is short
     grad_accum: int = 4  # forward passes per optimizer step: an effective batch of 4 without its memory
     warmup_ratio: float = 0.1  # share of the steps with a linear warm-up from 0, then cosine decay to 0
+    warmup: int | None = None  # warm-up steps; overrides `warmup_ratio` when set (a recipe's stages say steps)
     max_grad_norm: float = 1.0  # clipping: the first steps on long unseen answers have large gradients
     # No decay by default: decoupled weight decay pulls the published LoRA matrices towards zero, i.e. towards
     # the base Vicuna without the adapter, which a few activation steps should not do.
@@ -56,6 +57,8 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "grad_accum", "save_every", "eval_every", "max_text_tokens", "processes"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup is not None and self.warmup < 0:
+            problems.append(f"warm-up steps must be >= 0, got {self.warmup}")
         if self.steps is not None and self.steps < 1:
             problems.append(f"--steps must be >= 1, got {self.steps}")
         if not 0 <= self.warmup_ratio < 1:
@@ -85,7 +88,7 @@ class FinetuneConfig:
         return max(1, math.ceil(self.epochs * n_train / self.examples_per_step))
 
     def warmup_steps(self, total: int) -> int:
-        return int(self.warmup_ratio * total)
+        return self.warmup if self.warmup is not None else int(self.warmup_ratio * total)
 
     def as_dict(self) -> dict:
         return asdict(self)

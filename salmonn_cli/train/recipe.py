@@ -96,6 +96,10 @@ class LoraSettings:
         """What every LoRA layer multiplies by: alpha / rank (SALMONN's 32 / 8 = 4)."""
         return self.alpha / self.rank
 
+    def targets_for(self, seq2seq: bool) -> tuple[str, ...]:
+        """The modules LoRA wraps: the recipe's, else q and v attention projections (peft's defaults)."""
+        return self.targets or (("q", "v") if seq2seq else ("q_proj", "v_proj"))
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -174,9 +178,9 @@ def load_recipe(path: str | Path) -> TrainRecipe:
     seed = top.take("seed", int, 0)
     template = top.take("prompt_template", str, None)
     encoders = tuple(_encoder(top, i, item) for i, item in enumerate(top.take("encoders", list)))
-    connector = _connector(top.table("connector"))
+    connector = read_connector(top.table("connector"))
     llm = _llm(top.table("llm"))
-    lora = _lora(top.table("lora", {}))
+    lora = read_lora(top.table("lora", {}))
     stages = tuple(_stage(top, i, item) for i, item in enumerate(top.take("stages", list)))
     top.done()
     recipe = TrainRecipe(name, description, encoders, connector, llm, lora, stages, seed, template, path)
@@ -196,7 +200,7 @@ def _encoder(top: TomlTable, index: int, data: object) -> EncoderSpec:
     return EncoderSpec(kind, component)
 
 
-def _connector(t: TomlTable) -> ConnectorSpec:
+def read_connector(t: TomlTable) -> ConnectorSpec:
     d = ConnectorSpec("conv")
     kind = t.take("kind", str)
     if kind not in CONNECTOR_KINDS:
@@ -229,7 +233,7 @@ def _llm(t: TomlTable) -> LlmSpec:
     return LlmSpec(component, quant)
 
 
-def _lora(t: TomlTable) -> LoraSettings:
+def read_lora(t: TomlTable) -> LoraSettings:
     d = LoraSettings()
     targets = t.take("targets", list, None)
     if targets is not None and not (targets and all(isinstance(x, str) and x for x in targets)):
