@@ -57,13 +57,12 @@ def _train(recipe_file: Path, stage: str | None, output_dir: Path | None, resume
     import os
 
     from rich.console import Console
+    from transformers.utils import logging as transformers_logging
 
     from ..distributed import device_for, launched, main_first, process_group
     from ..loading import resolve_device
     from ..train.recipe import load_recipe
     from ..train.run import check_output, run_recipe
-
-    from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # each stage says what it loads and trains
     recipe = load_recipe(recipe_file)
