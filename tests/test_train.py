@@ -152,8 +152,6 @@ def test_stage_one_trains_only_its_parts_and_moves_the_transcripts_towards_the_t
         else:
             assert not torch.equal(aligned[key], tensor), key
     assert any(not torch.equal(final[k], aligned[k]) for k in aligned if ".lora_B." in k)  # stage 2 trains LoRA
-    # the encoder and the LLM are read, never written
-    assert (parts / "tiny" / "wavlm" / "model.safetensors").is_file()
     untrained = [fresh.generate(_wave(parts, i), "Recognize the speech and give me the transcription.",
                                 num_beams=1, max_new_tokens=24).text for i in range(len(CLIPS))]  # fmt: skip
     aligned_model, _ = load_composed(spec, device="cpu", dtype=torch.float32, **paths)
