@@ -181,15 +181,20 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
     raise UsageError(f"unknown model {text!r}: choose one of {choices}, or give the path of a model .toml file")
 
 
+def read_toml(path: Path, *, error=CheckpointError, what: str = "model file") -> dict:
+    """A TOML file's tables; an unreadable or invalid file is `error(message, path=)` naming `what` it is."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {what}: {exc}", path=path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{what} is not valid TOML: {exc}", path=path) from None
+
+
 def parse_model_file(path: Path, *, builtin: bool = False) -> ModelSpec:
     """Read and validate one model file; every problem is a CheckpointError naming the file and the field."""
     path = Path(path).resolve()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"cannot read model file: {exc}", path=path) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CheckpointError(f"model file is not valid TOML: {exc}", path=path) from None
+    data = read_toml(path)
     top = TomlTable(data, "", path)
     name = top.take("name", str)
     description = top.take("description", str, "")

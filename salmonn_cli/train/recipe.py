@@ -34,13 +34,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..errors import UsageError
-from ..model_file import ComponentSpec, TomlTable, component_spec
+from ..model_file import ComponentSpec, TomlTable, component_spec, read_toml
 from ..prompt import template_problem
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+    pass
 
 BUILTIN_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 ENCODER_KINDS = ("whisper", "wavlm", "beats")
@@ -166,12 +166,7 @@ def load_recipe(path: str | Path) -> TrainRecipe:
     if not path.is_file():
         raise UsageError(f"recipe {path} does not exist (`salmonn train --recipe speechverse --print` writes one)")
     path = path.resolve()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read the recipe: {exc}", path=path) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"the recipe is not valid TOML: {exc}", path=path) from None
+    data = read_toml(path, error=RecipeError, what="the recipe")
     top = TomlTable(data, "", path, error=RecipeError, what="recipe")
     name = top.take("name", str)
     description = top.take("description", str, "")
