@@ -95,7 +95,7 @@ def read_manifest(manifest: Path) -> list[InputItem]:
         if line.startswith("{"):
             items.append(_json_item(line, base, f"{manifest}:{number}"))
         else:
-            items.append(InputItem(_resolve(base, line)))
+            items.append(InputItem(resolve_manifest_path(base, line)))
     return items
 
 
@@ -110,10 +110,11 @@ def _json_item(line: str, base: Path, where: str) -> InputItem:
     instruction = entry.get("instruction")
     if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
         raise UsageError(f'{where}: "instruction" must be a non-empty string')
-    return InputItem(_resolve(base, audio), instruction.strip() if instruction else None)
+    return InputItem(resolve_manifest_path(base, audio), instruction.strip() if instruction else None)
 
 
-def _resolve(base: Path, text: str) -> Path:
+def resolve_manifest_path(base: Path, text: str) -> Path:
+    """A path as a manifest in folder `base` gives it: `~` expanded, relative ones from `base`."""
     path = Path(text).expanduser()
     return path if path.is_absolute() else base / path
 

@@ -42,6 +42,10 @@ TASK_INSTRUCTIONS: dict[str, str] = {
     ),
     "lyrics": "Listen to the song and write down its content.",
     "keywords": "Give me only three keywords of the text.",
+    # from the original's training prompts (prompts/train_prompt.json), for tasks its test prompts lack
+    "phonemes": "Write the sequence of phonemes corresponding to this speech.",
+    "two_speakers": "There are two people talking in the audio, please write what they say in order.",
+    "spoken_question": "There is a question in the speech. Please answer it in detail.",
 }
 
 

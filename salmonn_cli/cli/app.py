@@ -42,7 +42,7 @@ def root(
 
 
 def _register_commands() -> None:
-    from . import bench, chat, finetune, info, live, serve, tasks, train
+    from . import bench, chat, evaluate, finetune, info, live, serve, tasks, train
 
     tasks.register(app)
     chat.register(app)
@@ -50,6 +50,7 @@ def _register_commands() -> None:
     serve.register(app)
     finetune.register(app)
     train.register(app)
+    evaluate.register(app)
     info.register(app)
     bench.register(app)
 

@@ -28,6 +28,7 @@ from .options import FileArg, OptionalFilesArg
 from .runner import Task, open_model, resolve_model, run_task, stderr
 
 if TYPE_CHECKING:
+    from ..inputs import InputItem
     from ..probe import ProbedInputs
 
 SPEECH_TASKS = ("transcribe", "translate")  # joined as running text, subtitles follow the speech
@@ -39,6 +40,14 @@ open_task_options = with_options(MODEL_OPTIONS, DECODE_OPTIONS, TASK_OPTIONS, WH
 def run(task: Task, files: list[Path], options: dict) -> None:
     """Shared tail of every task command: inputs, output plan, model; answer each input; exit code."""
     from ..inputs import expand_inputs
+
+    items = expand_inputs(files, recursive=options["recursive"], glob=options["glob"], manifest=options["manifest"])
+    run_items(task, items, options)
+
+
+def run_items(task: Task, items: list[InputItem], options: dict) -> None:
+    """Answer `items` (each with the task's instruction unless it has its own) as the options say: one process
+    per GPU with --gpus, results to stdout or -o DIR (skipping those done). Exits non-zero if any failed."""
     from ..output import writer_for
     from ..probe import probe_inputs
 
@@ -51,7 +60,6 @@ def run(task: Task, files: list[Path], options: dict) -> None:
         if not options["instruction"].strip():
             raise UsageError("--instruction is empty")
         task = replace(task, instruction=options["instruction"].strip())
-    items = expand_inputs(files, recursive=options["recursive"], glob=options["glob"], manifest=options["manifest"])
     # every input's header is read before the model loads: the bad ones are reported now, the rest run
     with probe_inputs(items) as probed:
         _run_probed(task, probed, options, fmt, writer)
