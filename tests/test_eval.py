@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import jiwer
@@ -188,11 +189,18 @@ def _jiwer_on_items(out: Path) -> tuple[float, list[dict]]:
     return 100 * jiwer.wer(refs, hyps), rows
 
 
-def test_eval_asr_summary_equals_jiwer_on_its_items_and_names_model_and_settings(tiny, test_set, tmp_path):
-    out = tmp_path / "ls"
+@pytest.fixture(scope="module")
+def alone(tiny, test_set, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One process's evaluation of the test set (what a launched job must equal)."""
+    out = tmp_path_factory.mktemp("alone") / "ls"
     done = salmonn("eval", test_set, "--task", "asr", "--paper", "librispeech-test-clean", "-o", out, *_model(tiny),
                    "--max-new-tokens", "6")  # fmt: skip
     assert done.returncode == 0, done.stderr
+    return out, done
+
+
+def test_eval_asr_summary_equals_jiwer_on_its_items_and_names_model_and_settings(tiny, test_set, alone):
+    out, done = alone
     summary = json.loads((out / "summary.json").read_text())
     wer, rows = _jiwer_on_items(out)
     assert [r["audio"] for r in rows] == [str(test_set.parent / f"utt{k}.wav") for k in range(len(SENTENCES))]
@@ -203,6 +211,25 @@ def test_eval_asr_summary_equals_jiwer_on_its_items_and_names_model_and_settings
     assert summary["settings"]["quant"] == "none" and summary["paper"]["figures"][0]["value"] == 2.1
     assert "WER" in done.stdout and "2.10%" in done.stdout and "EnglishTextNormalizer" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_eval_under_torchrun_scores_once_what_one_process_scores(tiny, test_set, alone, tmp_path):
+    out = tmp_path / "launched"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "salmonn_cli"]  # fmt: skip
+    args = ["eval", test_set, "--task", "asr", "--paper", "librispeech-test-clean", "-o", out, *_model(tiny),
+            "--max-new-tokens", "6"]  # fmt: skip
+    done = subprocess.run(torchrun + [str(a) for a in args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("WER") == alone[1].stdout.count("WER")  # one table, from rank 0
+    ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (out, alone[0]))
+    assert ours["metrics"] == theirs["metrics"] and ours["answered"] == len(SENTENCES)
+    assert (out / "items.jsonl").read_text() == (alone[0] / "items.jsonl").read_text()
+
+
+def test_eval_refuses_to_mix_answers_made_with_other_settings(tiny, test_set, alone):
+    out, _ = alone
     again = salmonn("eval", test_set, "--task", "asr", "-o", out, *_model(tiny), "--max-new-tokens", "7")
     assert again.returncode == 2 and "other settings" in again.stderr and "max_new_tokens" in again.stderr
 
