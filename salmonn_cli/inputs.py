@@ -78,6 +78,19 @@ def _unreadable_folders(folder: Path, *, recursive: bool) -> list[Path]:
 
 def read_manifest(manifest: Path) -> list[InputItem]:
     """Lines of a manifest: a path per line (`#` comments), or jsonl objects with `audio` and `instruction`."""
+    base = manifest.parent
+    items = []
+    for where, line in manifest_lines(manifest, "one path or JSON object per line"):
+        if line.startswith("{"):
+            items.append(_json_item(line, base, where))
+        else:
+            items.append(InputItem(resolve_manifest_path(base, line)))
+    return items
+
+
+def manifest_lines(manifest: Path, layout: str) -> list[tuple[str, str]]:
+    """Each line of `manifest` that is not blank or a `#` comment, stripped, with its "file:line" for messages;
+    a manifest that cannot be read is one error (`layout` says what a line should be)."""
     if not manifest.is_file():
         raise AudioError(f"manifest not found: {manifest}")
     try:
@@ -85,32 +98,29 @@ def read_manifest(manifest: Path) -> list[InputItem]:
     except PermissionError:
         raise AudioError(f"cannot read manifest {manifest}: permission denied") from None
     except UnicodeDecodeError:
-        raise UsageError(f"manifest {manifest} is not UTF-8 text: give one path or JSON object per line") from None
-    base = manifest.parent
-    items = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("{"):
-            items.append(_json_item(line, base, f"{manifest}:{number}"))
-        else:
-            items.append(InputItem(resolve_manifest_path(base, line)))
-    return items
+        raise UsageError(f"manifest {manifest} is not UTF-8 text: give {layout}") from None
+    lines = ((f"{manifest}:{number}", raw.strip()) for number, raw in enumerate(text.splitlines(), start=1))
+    return [(where, line) for where, line in lines if line and not line.startswith("#")]
 
 
-def _json_item(line: str, base: Path, where: str) -> InputItem:
+def manifest_entry(line: str, where: str) -> dict:
+    """A jsonl manifest line as its object, which names a non-empty "audio" path."""
     try:
         entry = json.loads(line)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{where}: not valid JSON ({exc.msg})") from None
     audio = entry.get("audio") if isinstance(entry, dict) else None
-    if not isinstance(audio, str) or not audio:
+    if not isinstance(audio, str) or not audio.strip():
         raise UsageError(f'{where}: a jsonl manifest line needs an "audio" path')
+    return entry
+
+
+def _json_item(line: str, base: Path, where: str) -> InputItem:
+    entry = manifest_entry(line, where)
     instruction = entry.get("instruction")
     if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
         raise UsageError(f'{where}: "instruction" must be a non-empty string')
-    return InputItem(resolve_manifest_path(base, audio), instruction.strip() if instruction else None)
+    return InputItem(resolve_manifest_path(base, entry["audio"]), instruction.strip() if instruction else None)
 
 
 def resolve_manifest_path(base: Path, text: str) -> Path:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_text_atomically
-from ..errors import AudioError, UsageError
-from ..inputs import resolve_manifest_path
+from ..errors import UsageError
+from ..inputs import manifest_entry, manifest_lines, resolve_manifest_path
 
 
 @dataclass(frozen=True)
@@ -28,38 +28,16 @@ class EvalItem:
 
 def read_eval_manifest(manifest: Path) -> list[EvalItem]:
     """Every item of `manifest`; a malformed line is a UsageError naming it, before any model loads."""
-    try:
-        text = manifest.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AudioError(f"manifest not found: {manifest}") from None
-    except IsADirectoryError:
-        raise UsageError(f"{manifest} is a folder: give a .jsonl manifest (one JSON object per line)") from None
-    except PermissionError:
-        raise AudioError(f"cannot read manifest {manifest}: permission denied") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"manifest {manifest} is not UTF-8 text") from None
-    items = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            items.append(_item(line, manifest.parent, f"{manifest}:{number}"))
+    items = [_item(manifest_entry(line, where), manifest.parent, where)
+             for where, line in manifest_lines(manifest, "one JSON object per line")]  # fmt: skip
     if not items:
         raise UsageError(f"manifest {manifest} has no items: give one JSON object per line")
     return items
 
 
-def _item(line: str, base: Path, where: str) -> EvalItem:
-    try:
-        entry = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{where}: not valid JSON ({exc.msg})") from None
-    if not isinstance(entry, dict):
-        raise UsageError(f"{where}: a line must be a JSON object")
-    audio = entry.get("audio")
-    if not isinstance(audio, str) or not audio.strip():
-        raise UsageError(f'{where}: needs an "audio" path')
+def _item(entry: dict, base: Path, where: str) -> EvalItem:
     return EvalItem(
-        audio=resolve_manifest_path(base, audio),
+        audio=resolve_manifest_path(base, entry["audio"]),
         references=_references(entry, where),
         where=where,
         language=_optional_text(entry, "language", where),

@@ -54,7 +54,7 @@ def _normalizers():
 
 
 def eval_extra_hint(what: str) -> str:
-    return f"scoring needs {what}: pip install 'salmonn[eval]' (from a checkout: pip install -e '.[eval]')"
+    return f"scoring needs {what}: pip install 'salmonn-cli[eval]' (from a checkout: pip install -e '.[eval]')"
 
 
 def require_libraries(scoring: str) -> None:

@@ -17,7 +17,7 @@ from .plan import ITEMS_FILE, SUMMARY_FILE, EvalPlan
 from .score import Evaluation
 from .tasks import PAPER_FIGURES, TASKS
 
-_LIBRARIES = ("salmonn", "jiwer", "sacrebleu", "whisper-normalizer", "pycocoevalcap")
+_LIBRARIES = ("salmonn-cli", "jiwer", "sacrebleu", "whisper-normalizer", "pycocoevalcap")
 UNCONFIRMED = "*"  # marks a paper figure read from one secondary source only
 
 
