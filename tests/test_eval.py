@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import jiwer
@@ -209,6 +210,7 @@ def test_eval_asr_summary_equals_jiwer_on_its_items_and_names_model_and_settings
     assert score["value"] == pytest.approx(wer, abs=1e-3)
     assert summary["model"]["model"] == "tiny" and summary["model"]["decode"]["max_new_tokens"] == 6
     assert summary["settings"]["quant"] == "none" and summary["paper"]["figures"][0]["value"] == 2.1
+    assert summary["versions"]["salmonn-cli"] and summary["versions"]["jiwer"] == version("jiwer")
     assert "WER" in done.stdout and "2.10%" in done.stdout and "EnglishTextNormalizer" in done.stdout
     assert "Traceback" not in done.stderr
 
