@@ -57,11 +57,13 @@ def answer_file(
     lora_scale: float | None = None,
     generator=None,
     on_text: Callable[[str], None] | None = None,
+    on_cue: Callable[[Cue], None] | None = None,
 ) -> FileAnswer:
     """Answer `instruction` about a whole waveform of any length (see the module docstring).
 
     `on_text` sees the answer's text so far each time a batch of segments is decoded (a server streams it); each
-    text begins with the one before, and the last is the answer's.
+    text begins with the one before, and the last is the answer's. `on_cue` then sees each of that batch's
+    segments that said something, with its time (a server streams them as timed lines).
     """
     from .segment import plan_segments, segment_audio
 
@@ -93,6 +95,9 @@ def answer_file(
             cue_ids.append(tuple(result.token_ids))
         if on_text is not None:
             on_text(_join(tuple(cues), settings, single=single))
+        for cue in cues[first:] if on_cue is not None else ():
+            if cue.text:
+                on_cue(cue)
     text = _join(tuple(cues), settings, single=single)
     timings = {"total_s": time.perf_counter() - started}
     return FileAnswer(text, tuple(cues), sum(map(len, cue_ids)), len(segments), len(audible), timings,

@@ -209,6 +209,14 @@ def test_transcription_streams(server, audio):
         assert len(deltas) >= 2
         if beams == 4:
             assert done.text == whole
+    timed = list(api.audio.transcriptions.create(model="tiny", file=audio["long"].read_bytes(), stream=True,
+                                                 timestamp_granularities=["segment"]))  # fmt: skip
+    segments = [(e.start, e.end, e.text) for e in timed if e.type == "transcript.text.segment"]
+    verbose = api.audio.transcriptions.create(model="tiny", file=audio["long"].read_bytes(),
+                                              response_format="verbose_json")  # fmt: skip
+    assert segments == [(s.start, s.end, s.text) for s in verbose.segments] and len(segments) >= 2
+    assert [e.id for e in timed if e.type == "transcript.text.segment"] == [f"seg_{i}" for i in range(len(segments))]
+    assert timed[-1].type == "transcript.text.done" and timed[-1].text == whole
     files = {"file": ("a.wav", audio["short"].read_bytes())}
     raw = httpx.post(f"{server.url}/v1/audio/transcriptions", files=files, data={"model": "tiny", "stream": "true"},
                      timeout=60)  # fmt: skip

@@ -265,9 +265,10 @@ def answer_waveform(
     settings: LongformSettings,
     *,
     on_text=None,
+    on_cue=None,
 ) -> FileAnswer:
     """`longform.answer_file` at the task's LoRA scale and the run's seed: what the command line and the server
-    both run for one clip, so their answers are the same. `on_text`: see `answer_file`."""
+    both run for one clip, so their answers are the same. `on_text`, `on_cue`: see `answer_file`."""
     from ..generate import seeded_generator
     from ..longform import answer_file
 
@@ -275,7 +276,7 @@ def answer_waveform(
     with oom_hint(loaded):
         scale = decode.scale_for(task.lora_scale)
         return answer_file(loaded.model, waveform, instruction, decode.options, settings,
-                           lora_scale=scale, generator=generator, on_text=on_text)  # fmt: skip
+                           lora_scale=scale, generator=generator, on_text=on_text, on_cue=on_cue)  # fmt: skip
 
 
 def record_for(

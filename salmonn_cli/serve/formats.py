@@ -6,13 +6,15 @@ srt is byte for byte what `salmonn transcribe -f srt` writes. verbose_json's seg
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from ..longform import FileAnswer
-from ..output import Record, write_srt, write_vtt
+from ..output import Cue, Record, write_srt, write_vtt
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -75,6 +77,25 @@ def transcription_verbose(
 
 def transcript_delta(delta: str) -> dict[str, Any]:
     return {"type": "transcript.text.delta", "delta": delta}
+
+
+def transcript_segment(index: int, cue: Cue) -> dict[str, Any]:
+    """OpenAI's `transcript.text.segment` event (its diarized streams' shape, without a speaker): one answered
+    segment and its times, sent when a stream asked for `timestamp_granularities[]=segment`."""
+    return {"type": "transcript.text.segment", "id": f"seg_{index}", "start": round(cue.start, 3),
+            "end": round(cue.end, 3), "text": cue.text}  # fmt: skip
+
+
+def transcript_events() -> Callable[[str | Cue], str]:
+    """What a transcription stream sends for each item its job emits: a text delta, or a segment (numbered)."""
+    segments = itertools.count()
+
+    def event(item: str | Cue) -> str:
+        if isinstance(item, Cue):
+            return sse(transcript_segment(next(segments), item))
+        return sse(transcript_delta(item))
+
+    return event
 
 
 def transcript_done(text: str, seconds: float) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from ..cli.runner import LoadedModel, Task, answer_waveform, oom_hint, record_fo
 from ..cli.tasks import longform_settings
 from ..decode_watch import DecodeWatch, watched_decoding
 from ..longform import FileAnswer
-from ..output import Record
+from ..output import Cue, Record
 from ..window import WINDOW_SECONDS
 from .config import ServeConfig
 from .intake import Clip
@@ -90,13 +90,16 @@ class ServedModel:
         return self.loaded.model
 
     def transcribe(
-        self, clip: Clip, request: AudioRequest, stop: threading.Event, emit: Callable[[str], None] | None
+        self, clip: Clip, request: AudioRequest, stop: threading.Event, emit: Callable[[str | Cue], None] | None
     ) -> tuple[Record, FileAnswer]:
+        """The CLI's answer; a stream's `emit` gets text deltas, and each timed segment if the request asked."""
         settings = longform_settings(request.task.name, self.config.longform)
         deltas = self._deltas(emit, tokens=not settings.timestamped and settings.batch_size == 1)
+        on_cue = emit if emit is not None and request.stream_segments else None  # a Cue among the text deltas
         with watched_decoding(DecodeWatch(stop, deltas.on_step if deltas else None)):
             answer = answer_waveform(self.loaded, request.task, clip.waveform, request.task.instruction,
-                                     request.decode, settings, on_text=deltas.on_text if deltas else None)  # fmt: skip
+                                     request.decode, settings, on_text=deltas.on_text if deltas else None,
+                                     on_cue=on_cue)  # fmt: skip
         record = record_for(self.loaded, request.task, "upload", clip.waveform, request.task.instruction,
                             request.decode, answer)  # fmt: skip
         return record, answer

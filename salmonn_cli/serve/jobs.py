@@ -61,17 +61,18 @@ class Jobs:
         self,
         request: Request,
         work: Callable,
-        delta_event: Callable[[str], str],
+        delta_event: Callable[[Any], str],
         final_events: Callable[[Any], list[str]],
         *,
         first: str | None = None,
     ) -> StreamingResponse:
-        """Server-sent events for `work(stop, emit)`: `first`, one event per emitted delta, then
-        `final_events(result)`. The job is queued now, so a full queue is a plain 503, not a broken stream."""
+        """Server-sent events for `work(stop, emit)`: `first`, one event per emitted item (a text delta, or whatever
+        else the route's `delta_event` sends), then `final_events(result)`. The job is queued now, so a full queue is
+        a plain 503, not a broken stream."""
         loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[str] = asyncio.Queue()
+        deltas: asyncio.Queue[Any] = asyncio.Queue()
 
-        def emit(delta: str) -> None:  # called in the worker thread
+        def emit(delta: Any) -> None:  # called in the worker thread
             loop.call_soon_threadsafe(deltas.put_nowait, delta)
 
         job = self.worker.submit(lambda stop: work(stop, emit))

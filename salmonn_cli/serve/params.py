@@ -32,6 +32,7 @@ class AudioRequest:
     stream: bool
     decode: DecodeChoice
     language: str  # verbose_json's `language`: the full English name, lower case ("english"), or "unknown"
+    stream_segments: bool = False  # a stream that asked for segment times: a `transcript.text.segment` event each
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ def audio_request(form, kind: str, config: ServeConfig) -> AudioRequest:
     unknown = [g for g in granularities if g != "segment"]
     if unknown:
         raise invalid("timestamp_granularities", f"unknown timestamp granularity {unknown[0]!r} (use segment)")
+    stream_segments = stream and "segment" in granularities
     temperature = _form_number(form, "temperature")
     if temperature is not None and not 0 <= temperature <= 1:
         raise invalid("temperature", f"'temperature' must be between 0 and 1, got {temperature:g}")
@@ -128,14 +130,15 @@ def audio_request(form, kind: str, config: ServeConfig) -> AudioRequest:
             raise invalid("language", f"no transcription prompt for language {language!r}: use en, zh, de or "
                           "leave it out (SALMONN hears the language itself)") from None  # fmt: skip
         name = LANGUAGE_NAMES.get(language, "unknown") if language else "unknown"
-        return AudioRequest(Task("transcribe", instruction), response_format, stream, decode, name.lower())
+        return AudioRequest(Task("transcribe", instruction), response_format, stream, decode, name.lower(),
+                            stream_segments)  # fmt: skip
     target = (_text(form, "to_language") or "en").strip()
     try:
         instruction = translate_instruction(target)
     except UsageError as exc:
         raise invalid("to_language", str(exc)) from None
     name = LANGUAGE_NAMES.get(target.lower(), target)
-    return AudioRequest(Task("translate", instruction), response_format, stream, decode, name.lower())
+    return AudioRequest(Task("translate", instruction), response_format, stream, decode, name.lower(), stream_segments)
 
 
 def decoding(
