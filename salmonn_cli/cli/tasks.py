@@ -169,18 +169,28 @@ def caption(
     options: dict = None,
 ) -> None:
     """Describe what can be heard (long audio: one line per segment, with its time)."""
-    from ..prompt import TASK_INSTRUCTIONS
-
-    name = "music" if music else "caption"
-    run(Task(name, TASK_INSTRUCTIONS[name]), files or [], options)
+    run(caption_task(music=music), files or [], options)
 
 
 @open_task_options
 def story(file: FileArg, options: dict) -> None:
     """Write a story inspired by the audio (LoRA scale 2.0 unless --lora-scale says otherwise)."""
+    run(story_task(), [file], options)
+
+
+def caption_task(*, music: bool = False) -> Task:
+    """`salmonn caption`'s task (the web page's caption button runs it too)."""
     from ..prompt import TASK_INSTRUCTIONS
 
-    run(Task("story", TASK_INSTRUCTIONS["story"], lora_scale=WAKE_UP_LORA_SCALE), [file], options)
+    name = "music" if music else "caption"
+    return Task(name, TASK_INSTRUCTIONS[name])
+
+
+def story_task() -> Task:
+    """`salmonn story`'s task: the paper's prompt at the LoRA scale that wakes story-telling."""
+    from ..prompt import TASK_INSTRUCTIONS
+
+    return Task("story", TASK_INSTRUCTIONS["story"], lora_scale=WAKE_UP_LORA_SCALE)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,4 @@
-"""The routes: OpenAI's audio and chat endpoints, /v1/models and /health, on FastAPI.
+"""The routes: OpenAI's audio and chat endpoints, /v1/models, /health and the web page (`page`), on FastAPI.
 
 A request is checked (fields, model name, then its audio decoded in a thread) before it waits for the model, so
 a bad one is answered at once, never after a long job. The model work itself goes through the one inference
@@ -25,6 +25,7 @@ from .guard import CLIENT_GONE, Guard, ServerLog
 from .inference import ServedModel
 from .intake import read_clip
 from .jobs import ClientGone, Jobs
+from .page import add_page_routes
 from .worker import InferenceWorker
 
 MAX_FORM_FILES, MAX_FORM_FIELDS = 2, 100
@@ -80,7 +81,7 @@ def create_app(served: ServedModel, worker: InferenceWorker, config: ServeConfig
                 return [formats.sse(formats.transcript_done(record.text, record.audio_seconds))]
 
             return jobs.stream(request, lambda stop, emit: served.transcribe(clip, audio_request, stop, emit),
-                               lambda delta: formats.sse(formats.transcript_delta(delta)), finish)  # fmt: skip
+                               formats.transcript_events(), finish)  # fmt: skip
         record, answer = await jobs.run(request, lambda stop: served.transcribe(clip, audio_request, stop, None))
         fmt = audio_request.response_format
         if fmt == "json":
@@ -127,6 +128,8 @@ def create_app(served: ServedModel, worker: InferenceWorker, config: ServeConfig
         return JSONResponse(formats.chat_completion(completion_id, now, name, answer.text, answer.finish_reason,
                                                     usage(answer)))  # fmt: skip
 
+    add_page_routes(app, config, served.loaded.model.settings.trained_lora_scale)
+
     from fastapi.middleware.cors import CORSMiddleware
 
     app.add_middleware(Guard, config=config, log=log)
@@ -155,8 +158,8 @@ def _add_error_handlers(app: FastAPI, jobs: Jobs) -> None:
         where = f"{request.method} {request.url.path}"
         if error.status_code == 404:
             return _error_response(ApiError(404, f"Invalid URL ({where}): the API is under /v1 (POST "
-                                            "/v1/audio/transcriptions, /v1/chat/completions, GET /v1/models)",
-                                            code="unknown_url"))  # fmt: skip
+                                            "/v1/audio/transcriptions, /v1/chat/completions, GET /v1/models); "
+                                            "the web page is at /", code="unknown_url"))  # fmt: skip
         if error.status_code == 405:
             allowed = dict(error.headers or {}).get("Allow", "")
             return _error_response(ApiError(405, f"{where} is not allowed (allowed: {allowed})",

@@ -19,8 +19,10 @@ from collections.abc import Callable
 
 from .api_error import ApiError, BodyTooLarge
 from .config import LOOPBACK_NAMES, ServeConfig
+from .page import PAGE_PATHS
 
-OPEN_PATHS = frozenset({"/health"})  # never behind the key: what process managers and load balancers poll
+# never behind the key: what process managers and load balancers poll, and the web page (which asks for the key)
+OPEN_PATHS = frozenset({"/health", *PAGE_PATHS})
 JSON_PATHS = frozenset({"/v1/chat/completions"})  # base64 audio inside JSON: a larger body limit
 CLIENT_GONE = 499  # nginx's and whisper.cpp's status for a request whose client closed the connection
 CLIENT_GONE_KEY = "salmonn.client_gone"  # set in the request's scope when a stream's client left mid-answer
