@@ -166,6 +166,7 @@ def _page_settings(server: ServeProcess) -> dict:
 
 
 def _transcription(server: ServeProcess, path: Path, **fields) -> httpx.Response:
+    """What the API answers for `path`, at the page's transcription LoRA scale unless `fields` name one."""
     lora = _page_settings(server)["actions"][0]["lora_scale"]
     with _api(server) as api:
         return api.post("/v1/audio/transcriptions", files={"file": (path.name, path.read_bytes())},
@@ -304,6 +305,29 @@ def test_long_audio_gives_timed_lines_and_a_click_seeks(page, server, clips):
     assert len(times) >= 2 and times == sorted(times) and times[0] == pytest.approx(0.0, abs=0.5)
     page.find("#new-clip").click()
     assert page.visible("picker") and not page.find_all(".turn") and not page.visible("clip")
+
+
+def test_a_dropped_file_and_the_lora_slider(page, server, clips):
+    from selenium.webdriver.common.keys import Keys
+
+    data = base64.b64encode(clips["short"].read_bytes()).decode()
+    page.driver.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const files = new DataTransfer();
+        files.items.add(new File([bytes], 'dropped.wav', {type: 'audio/wav'}));
+        document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: files, bubbles: true}));
+    """, data)  # fmt: skip
+    page.wait(lambda d: page.visible("controls"), "the dropped clip")
+    assert page.find("#clip-name").text == "dropped.wav"
+    page.find("#lora").send_keys(Keys.HOME)  # the slider to 0: LoRA off
+    assert page.find("#lora-value").text == "0.0"
+    page.press("transcribe")
+    turn = page.finished_turn()
+    off, on = (_transcription(server, clips["short"], num_beams="4", max_new_tokens="12", lora_scale=str(scale))
+               .json()["text"] for scale in (0.0, 4.0))  # fmt: skip
+    assert turn.find_element("css selector", ".answer").text == off != on
+    page.find("#lora-reset").click()
+    assert page.find("#lora-value").text == "4.0"
 
 
 def test_a_file_that_is_not_audio_shows_the_servers_sentence(page, server, clips):
