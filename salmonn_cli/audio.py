@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AudioError, DependencyError
+from .stop import stop_deferred
 from .window import MIN_SAMPLES, SAMPLE_RATE, WINDOW_SAMPLES, WINDOW_SECONDS  # noqa: F401  (re-exported)
 
 # Containers and codecs libsndfile never reads: go straight to PyAV (soundfile would only fail slowly).
@@ -59,7 +60,8 @@ class _StderrSilencer:
 
     Reference-counted under a lock: with two threads each saving and restoring descriptor 2 themselves, the one
     that started second would save /dev/null and, finishing last, leave it there for good (a server decodes
-    several uploads at once).
+    several uploads at once). A Ctrl-C or SIGTERM is held while descriptor 2 is switched either way: landing
+    between the switch and the `try`, it would leave it at /dev/null, and the stop's summary would vanish.
     """
 
     def __init__(self) -> None:
@@ -69,19 +71,23 @@ class _StderrSilencer:
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if self._depth == 0:
-                self._saved = _point_stderr_at_null()
-            self._depth += 1
+        entered = False
         try:
+            with stop_deferred():  # a stop asked for here is raised once `entered` is set: the finally undoes it
+                with self._lock:
+                    if self._depth == 0:
+                        self._saved = _point_stderr_at_null()
+                    self._depth += 1
+                entered = True
             yield
         finally:
-            with self._lock:
-                self._depth -= 1
-                if self._depth == 0 and self._saved is not None:
-                    os.dup2(self._saved, 2)
-                    os.close(self._saved)
-                    self._saved = None
+            if entered:
+                with stop_deferred(), self._lock:
+                    self._depth -= 1
+                    if self._depth == 0 and self._saved is not None:
+                        os.dup2(self._saved, 2)
+                        os.close(self._saved)
+                        self._saved = None
 
 
 def _point_stderr_at_null() -> int | None:

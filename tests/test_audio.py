@@ -193,3 +193,36 @@ def test_decoder_chatter_silencing_overlapping_in_two_threads_gives_stderr_back(
     assert (seen["b, after a left"].st_ino, seen["b, after a left"].st_dev) == (null.st_ino, null.st_dev)
     after = os.fstat(2)
     assert (after.st_ino, after.st_dev) == (real.st_ino, real.st_dev)
+
+
+@pytest.mark.parametrize("moment", ["as it silences", "as it restores"])
+def test_a_stop_while_stderr_is_switched_still_gives_stderr_back(monkeypatch, moment):
+    """A Ctrl-C landing while descriptor 2 is being pointed at /dev/null, or back, is raised once the switch is
+    whole: stderr is the real one afterwards (else a stopped run's summary line would go to /dev/null)."""
+    import signal
+
+    from salmonn_cli import audio
+
+    real = os.fstat(2)
+    if moment == "as it silences":
+        point = audio._point_stderr_at_null
+
+        def interrupted_point():
+            saved = point()
+            signal.raise_signal(signal.SIGINT)  # the stop lands right after descriptor 2 went to /dev/null
+            return saved
+
+        monkeypatch.setattr(audio, "_point_stderr_at_null", interrupted_point)
+    with pytest.raises(KeyboardInterrupt):
+        with decoder_chatter_silenced():
+            if moment == "as it restores":
+                dup2 = os.dup2
+
+                def interrupted_dup2(fd, fd2):  # once: pytest's own capture calls os.dup2 too
+                    monkeypatch.setattr(os, "dup2", dup2)
+                    signal.raise_signal(signal.SIGINT)  # the stop lands just before descriptor 2 is put back
+                    return dup2(fd, fd2)
+
+                monkeypatch.setattr(os, "dup2", interrupted_dup2)
+    after = os.fstat(2)
+    assert (after.st_ino, after.st_dev) == (real.st_ino, real.st_dev)
