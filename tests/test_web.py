@@ -330,6 +330,25 @@ def test_a_dropped_file_and_the_lora_slider(page, server, clips):
     assert page.find("#lora-value").text == "4.0"
 
 
+def test_stop_ends_an_answer_and_the_server_stops_its_work(page, server, clips):
+    page.upload(clips["short"])
+    page.set_number("beams", 1)
+    page.set_number("max-tokens", 1500)  # seconds of decoding even for the tiny model
+    page.find("#ask-input").send_keys(QUESTION)
+    base = server.health()
+    page.press("ask")
+    page.wait(lambda d: page.find(".turn .answer").text != "", "the answer streaming in")
+    assert page.visible("busy") and page.find("button[data-action=ask]").get_attribute("disabled")
+    page.find("#stop").click()
+    turn = page.finished_turn()
+    page.shot("stopped")
+    assert turn.get_attribute("data-state") == "error" and turn.find_element("css selector", ".error").text == "stopped"
+    assert turn.find_element("css selector", ".answer").text != ""  # what came before the stop stays
+    assert not page.visible("busy") and page.find("button[data-action=ask]").is_enabled()
+    after = server.wait_health(lambda h: h["cancelled"] == base["cancelled"] + 1, "the stopped answer's work stopped")
+    assert after["served"] == base["served"] and not after["busy"]  # stopped, not run to its end
+
+
 def test_a_file_that_is_not_audio_shows_the_servers_sentence(page, server, clips):
     page.find("#file").send_keys(str(clips["not_audio"]))
     page.wait(lambda d: page.visible("controls"), "the controls")

@@ -158,8 +158,9 @@ class Turn {
     this.root.dataset.state = "done";
   }
 
-  fail(message) {
-    this.answer.replaceChildren();
+  fail(message) { // what was said before a stop or a failure stays, with the reason under it
+    if (this.layout === "labels") this.showLabelled(true);
+    this.answer.classList.remove("pending");
     this.root.append(el("p", { class: "error", role: "alert" }, message));
     this.root.dataset.state = "error";
   }
