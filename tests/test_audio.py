@@ -24,6 +24,7 @@ from salmonn_cli.audio import (
 from salmonn_cli.errors import AudioError, DependencyError
 
 from .reference import case_paths, load_case
+from .signals import terminal_sigint
 
 
 def sine(seconds: float, rate: int, freq: float = 440.0) -> np.ndarray:
@@ -213,7 +214,7 @@ def test_a_stop_while_stderr_is_switched_still_gives_stderr_back(monkeypatch, mo
             return saved
 
         monkeypatch.setattr(audio, "_point_stderr_at_null", interrupted_point)
-    with pytest.raises(KeyboardInterrupt):
+    with terminal_sigint(), pytest.raises(KeyboardInterrupt):
         with decoder_chatter_silenced():
             if moment == "as it restores":
                 dup2 = os.dup2

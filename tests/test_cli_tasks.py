@@ -14,7 +14,7 @@ import soundfile as sf
 
 import salmonn_cli
 
-from .signals import default_sigint
+from .signals import default_sigint, terminal_sigint
 
 FAST = ["--device", "cpu", "--quant", "none", "--beams", "1", "--max-new-tokens", "4"]
 
@@ -273,7 +273,7 @@ def test_a_stop_during_a_deferred_step_takes_effect_right_after_it(sig, word):
     steps = []
     previous = signal.signal(signal.SIGTERM, stop._raise_interrupt)  # as `salmonn` runs: SIGTERM is Ctrl-C
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with terminal_sigint(), pytest.raises(KeyboardInterrupt):
             with stop.stop_deferred():
                 os.kill(os.getpid(), getattr(signal, sig))  # delivered at once, to this (the main) thread
                 steps.append("after the signal")  # the step goes on to its end
