@@ -175,11 +175,37 @@ _DROP = _DropMessages()
 
 
 def quiet_bitsandbytes() -> None:
-    """Drop bitsandbytes' log lines that say nothing a user can act on; call it before peft imports bitsandbytes."""
+    """Drop bitsandbytes' log lines that say nothing a user can act on, and import it without its Hub kernel; call
+    it before peft imports bitsandbytes."""
     for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
         logger = logging.getLogger(name)
         if _DROP not in logger.filters:
             logger.addFilter(_DROP)
+    _import_bitsandbytes_without_hub_kernels()
+
+
+def _import_bitsandbytes_without_hub_kernels() -> None:
+    """Import bitsandbytes (where installed) with the `kernels` package out of its reach.
+
+    Why: on a CPU with AVX512-BF16, bitsandbytes 0.50 asks `kernels.get_kernel` at import time for a 4-bit kernel
+    from the Hub, which sends requests (offline runs included: it reads huggingface_hub's offline flag, not ours)
+    and would run code fetched from there. `kernels` arrives with transformers >= 5.2x. Hidden, the import fails
+    inside bitsandbytes' own try, and it keeps its built-in CPU kernel, as on machines without `kernels`.
+    """
+    import importlib.util
+    import sys
+
+    if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
+        return
+    hidden = sys.modules.get("kernels")
+    sys.modules["kernels"] = None  # type: ignore[assignment]  # `from kernels import ...` raises ImportError
+    try:
+        import bitsandbytes  # noqa: F401
+    finally:
+        if hidden is None:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = hidden
 
 
 def _bitsandbytes_cpu_shapes(model: "nn.Module") -> None:
