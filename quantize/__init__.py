@@ -12,6 +12,8 @@ from .backends import (
     quantized_layers,
     quiet_bitsandbytes,
     resolve_backend,
+    uncompilable_reason,
+    unrecordable_reason,
 )
 from .memory import MemoryEstimate, Placement, choose_placement, estimate_for, estimate_memory, placements
 from .spec import BACKENDS, MODES, QuantizationError, QuantSpec
@@ -26,6 +28,8 @@ __all__ = [
     "quantized_layers",
     "quiet_bitsandbytes",
     "resolve_backend",
+    "uncompilable_reason",
+    "unrecordable_reason",
     "MemoryEstimate",
     "estimate_memory",
     "estimate_for",

@@ -158,6 +158,33 @@ def quantized_layers(model: "nn.Module") -> list["nn.Module"]:
     return found
 
 
+def unrecordable_reason(model: "nn.Module") -> str | None:
+    """Why a decode step over `model` cannot be recorded as a CUDA graph, or None when it can.
+
+    LLM.int8 with an outlier threshold (bitsandbytes' and transformers' default, 6.0) asks on every matmul whether
+    any input column is an outlier (`if outliers.any(): torch.argwhere(...)` in bitsandbytes 0.50's
+    `int8_vectorwise_quant`): a host read, which a recording stream refuses, and a branch a graph would freeze.
+    """
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes"):
+            if getattr(module.state, "threshold", 0.0) > 0:
+                return "LLM.int8 (bitsandbytes 8-bit) reads its outliers back to the host on every matmul"
+    return None
+
+
+def uncompilable_reason(model: "nn.Module") -> str | None:
+    """Why a decode step over `model` cannot be compiled into one graph, or None when it can: LLM.int8's outlier
+    split has data-dependent shapes, and quanto's int4 layers step out of inference mode (`_outside_inference_mode`),
+    which torch.compile cannot trace."""
+    reason = unrecordable_reason(model)
+    if reason is not None:
+        return reason
+    for module in model.modules():
+        if getattr(module.forward, "__func__", None) is _outside_inference_mode:
+            return "quanto int4 layers run outside inference mode, which torch.compile cannot trace"
+    return None
+
+
 # -- bitsandbytes ---------------------------------------------------------------------------------------------
 class _DropMessages(logging.Filter):
     """Drops bitsandbytes log lines that say nothing a user can act on."""
@@ -235,7 +262,7 @@ def _quanto(model: "nn.Module", mode: str, exclude: list[str]) -> None:
         if isinstance(module, QLinear) and type(module.weight).__name__ == "WeightQBitsTensor":
             # optimum-quanto 0.2.7: its generic int4 weight cannot be used under torch.inference_mode ("Cannot set
             # version_counter for inference tensor"), which generation uses; step out of it for this one matmul.
-            module.forward = types.MethodType(_outside_inference_mode(QLinear.forward), module)
+            module.forward = types.MethodType(_outside_inference_mode, module)
     model.requires_grad_(False)
 
 
@@ -257,16 +284,15 @@ def _int8pack_unsafe(module: "nn.Module", mode: str) -> bool:
     )
 
 
-def _outside_inference_mode(forward):
+def _outside_inference_mode(self, input: "torch.Tensor") -> "torch.Tensor":
+    """quanto's QLinear.forward, out of inference mode (see `_quanto`)."""
     import torch
+    from optimum.quanto import QLinear
 
-    def run(self, input: "torch.Tensor") -> "torch.Tensor":
-        if not torch.is_inference_mode_enabled():
-            return forward(self, input)
-        with torch.inference_mode(False), torch.no_grad():
-            return forward(self, input)
-
-    return run
+    if not torch.is_inference_mode_enabled():
+        return QLinear.forward(self, input)
+    with torch.inference_mode(False), torch.no_grad():
+        return QLinear.forward(self, input)
 
 
 # -- torchao --------------------------------------------------------------------------------------------------

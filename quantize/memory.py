@@ -167,13 +167,14 @@ CPU_MIN_COSINE = 0.9999
 AUTO_ORDER = {"cuda": MODES, "cpu": ("8bit", "none", "4bit")}
 
 
-def placements(device_type: str, dtype: str = "auto", backend: str = "auto") -> list[Placement]:
+def placements(device_type: str, dtype: str = "auto", backend: str = "auto", *, compiled: bool = False
+               ) -> list[Placement]:  # fmt: skip
     """Every mode as it would run on `device_type` with `--dtype dtype --quant-backend backend`, in `--quant
-    auto`'s order of preference."""
+    auto`'s order of preference; `compiled`: the decode step will be compiled (QuantSpec.backend_for)."""
     resolved = resolve_dtype(dtype, device_type)
     found = []
     for mode in AUTO_ORDER.get(device_type, AUTO_ORDER["cpu"]):
-        library = QuantSpec(mode, backend).backend_for(device_type) if mode != "none" else "none"
+        library = QuantSpec(mode, backend).backend_for(device_type, compiled=compiled) if mode != "none" else "none"
         found.append(Placement(device_type, resolved, mode, library))
     return found
 

@@ -49,15 +49,20 @@ class QuantSpec:
     def enabled(self) -> bool:
         return self.mode != "none"
 
-    def backend_for(self, device_type: str, *, torchao_ready: bool | None = None) -> str:
+    def backend_for(self, device_type: str, *, torchao_ready: bool | None = None, compiled: bool = False) -> str:
         """The library that quantises on `device_type` ("cuda", "cpu", "mps").
 
         `torchao_ready`: torchao is installed and the GPU takes its int4 kernel (default: asked of this machine).
+        `compiled`: the decode step will be compiled. torchao's int8 weight-only layer converts its whole weight to
+        the activations' dtype on every call (`w.t().to(dtype)` in torchao 0.18): 5 bytes moved per parameter, more
+        than float16's 2, unless compilation fuses the conversion into the matmul; so 8-bit is torchao's only then.
         """
         if self.backend != "auto":
             return self.backend
         if device_type != "cuda":
             return "quanto"
+        if self.mode == "8bit" and not compiled:
+            return "bitsandbytes"
         if torchao_ready is None:
             from .backends import torchao_ready as ready
 

@@ -8,6 +8,7 @@ as it would alone; the loop ends when every prompt is done or the ids reach `max
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,6 +50,23 @@ class BeamHypotheses:
         return sorted(self.beams, key=lambda item: item[0]).pop()
 
 
+@dataclass(frozen=True)
+class BeamStep:
+    """The running beams after one step, on the device (`scores`, `tokens`, `rows`: (batch * beams,)) and on the
+    host (`sources`, `host_scores`): built in host lists and sent as one tensor, not written number by number."""
+
+    scores: torch.Tensor
+    tokens: torch.Tensor
+    rows: torch.Tensor
+    sources: list[int]
+    host_scores: list[float]
+
+    @classmethod
+    def of(cls, scores: list[float], tokens: list[int], rows: list[int], dtype, device) -> "BeamStep":
+        packed = torch.tensor([scores, tokens, rows], dtype=torch.float64).to(device)  # exact, as above
+        return cls(packed[0].to(dtype), packed[1].long(), packed[2].long(), rows, scores)
+
+
 class BeamScorer:
     """4.28 `BeamSearchScorer.process` / `finalize` for (batch, beams) candidates, one hypothesis returned per row."""
 
@@ -57,14 +75,15 @@ class BeamScorer:
         self.hyps = [BeamHypotheses(num_beams, length_penalty) for _ in range(batch_size)]
         self.done = [False] * batch_size
 
-    def process(self, ids, next_scores, next_tokens, next_indices, eos: int, pad: int):
+    def process(self, ids, next_scores, next_tokens, next_indices, eos: int, pad: int) -> "BeamStep":
         """Split the 2*beams ranked candidates of each row into finished hypotheses and the next running beams."""
         batch, k = len(self.hyps), self.num_beams
-        beam_scores = torch.zeros((batch, k), dtype=next_scores.dtype, device=ids.device)
-        beam_tokens = torch.full((batch, k), pad, dtype=next_tokens.dtype, device=ids.device)
-        beam_rows = torch.zeros((batch, k), dtype=next_indices.dtype, device=ids.device)
-        # one host copy per step instead of one per row (a GPU sync each)
-        tokens_all, scores_all, sources_all = next_tokens.tolist(), next_scores.tolist(), next_indices.tolist()
+        # one read of the step's candidates (one wait on the device) instead of one per kind; float64 holds the
+        # float32 scores and every id and row index exactly
+        scores_all, tokens_all, sources_all = torch.stack(
+            [next_scores.double(), next_tokens.double(), next_indices.double()]
+        ).tolist()
+        scores, tokens, rows = [0.0] * (batch * k), [pad] * (batch * k), [0] * (batch * k)
         for b, hyps in enumerate(self.hyps):
             if self.done[b]:
                 continue  # 4.28 pads a finished row: score 0, token pad, source row 0
@@ -72,27 +91,28 @@ class BeamScorer:
             for rank, (token, score, source) in enumerate(
                 zip(tokens_all[b], scores_all[b], sources_all[b], strict=True)
             ):
-                row = b * k + source
+                token, row = int(token), b * k + int(source)
                 if token == eos:
                     if rank >= k:  # an eos outside the top `beams` candidates is dropped
                         continue
                     hyps.add(tuple(ids[row].tolist()), score)
                 else:
-                    beam_scores[b, taken], beam_tokens[b, taken], beam_rows[b, taken] = score, token, row
+                    scores[b * k + taken], tokens[b * k + taken], rows[b * k + taken] = score, token, row
                     taken += 1
                 if taken == k:
                     break
             self.done[b] = self.done[b] or hyps.is_done(max(scores_all[b]), ids.shape[-1])
-        return beam_scores.view(-1), beam_tokens.view(-1), beam_rows.view(-1)
+        return BeamStep.of(scores, tokens, rows, next_scores.dtype, ids.device)
 
-    def finalize(self, ids, beam_scores, max_length: int, eos: int) -> list[Hypothesis]:
-        """Best (score, ids) per row; unfinished rows first admit their running beams with their running score."""
+    def finalize(self, ids, beam_scores: list[float], max_length: int, eos: int) -> list[Hypothesis]:
+        """Best (score, ids) per row; unfinished rows first admit their running beams with their running score
+        (`beam_scores`: the last step's, on the host)."""
         results = []
         for b, hyps in enumerate(self.hyps):
             if not self.done[b]:
                 for j in range(self.num_beams):
                     row = b * self.num_beams + j
-                    hyps.add(tuple(ids[row].tolist()), beam_scores[row].item())
+                    hyps.add(tuple(ids[row].tolist()), beam_scores[row])
             score, hyp = hyps.best()
             # a finished hypothesis gets its eos back (4.28 pads to min(longest + 1, max_length): the same test)
             if len(hyp) < max_length:
@@ -139,12 +159,13 @@ def beam_decode(engine: Any, embeds, options: Any, processors, warpers, limits: 
         vocab = scores.shape[-1]
         top_scores, top_ids = beam_candidates(scores.view(batch, k * vocab), k, options.do_sample, generator)
         sources = torch.div(top_ids, vocab, rounding_mode="floor")
-        beam_scores, tokens, rows = scorer.process(ids, top_scores, top_ids % vocab, sources, eos, pad)
-        ids = torch.cat([ids[rows, :], tokens[:, None]], dim=-1)
+        beams = scorer.process(ids, top_scores, top_ids % vocab, sources, eos, pad)
+        beam_scores = beams.scores
+        ids = torch.cat([ids[beams.rows, :], beams.tokens[:, None]], dim=-1)
         checkpoint()  # a watcher's stop flag (running beams have no settled ids to stream)
         # running beams never end in eos, so SALMONN's stop-at-eos criterion cannot fire here
         if all(scorer.done) or ids.shape[-1] >= max_length:
             break
-        engine.reorder(rows)
-        logits = engine.step(tokens)
-    return scorer.finalize(ids, beam_scores, max_length, eos)
+        engine.reorder(beams.sources)
+        logits = engine.step(beams.tokens)
+    return scorer.finalize(ids, beams.host_scores, max_length, eos)

@@ -1,18 +1,21 @@
-"""The LLM's hot loop: a preallocated KV cache, beams reordered in place, and on CUDA a graph-captured step.
+"""The LLM's hot loop: a preallocated KV cache, beams reordered in place, and a fast one-token step where it can be
+had (compiled with torch.compile, recorded as a CUDA graph), each falling back to a slower correct one.
 
 `LlamaEngine` drives a Hugging Face LLaMA (optionally peft-wrapped, any quantised linear layers) through its own
 modules: the token embedding, each `LlamaDecoderLayer` (attention, MLP, norms, LoRA: the model's code, so the
 numbers are the model's), the final norm and the output head. Only the orchestration is ours:
 
-- the KV cache is one tensor `(layers, 2, rows, kv_heads, capacity, head_dim)` allocated once per row count and
-  kept across calls (for the most recent row counts); the decoder layers write into it through the
-  `update(key, value, layer)` call that transformers' attention makes on any cache object, and beam reordering
-  gathers it in place, up to the filled length, for every layer at once;
+- the KV cache (kv_cache.py) is kept per row count across calls (for the most recent row counts);
 - the prompt (`inputs_embeds`) is run once, eagerly, exactly as transformers' forward runs it;
-- a step feeds one id per row at the next position. Eagerly (CPU, or `capture=False`) attention reads exactly the
-  filled part of the cache, which is what transformers' own dynamic cache hands it, so the ids are the same; on
-  CUDA the step is recorded once per row count as a CUDA graph over the whole cache with a mask built on the
-  device from a position tensor, and every later step is one graph replay with no host synchronisation.
+- a step feeds one id per row at the next position. The exact step (CPU, or nothing faster available) attends to
+  exactly the filled part of the cache, as transformers' own dynamic cache does, so the ids are the same. The
+  masked step attends over the whole cache through a mask built on the device from a position tensor, so all it
+  reads are tensors at fixed addresses: the tokens, the position, the cache and the LoRA scales. That step is what
+  gets compiled (`--compile`, step_compile.py) and, on CUDA, recorded once per row count as a CUDA graph
+  (step_recording.py), every later step then one replay with no host synchronisation.
+
+Failing safe: a model whose step cannot be recorded (LLM.int8) is never recorded; a recording or a compile that
+raises leaves one line (notices.py) and the engine decodes the slower way from then on, without retrying.
 
 The decode semantics (transformers 4.28's greedy, sampling and beam search) live in generate.py and beam.py and
 see only `start`, `step` and `reorder`.
@@ -22,11 +25,19 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass
+import time
+import warnings
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any, Protocol
 
 import torch
+
+from .kv_cache import EXACT, MASKED, PROMPT, Layout, StaticKV, additive_mask
+from .llm import adapter_state, lora_scale_tensor
+from .notices import inform, warn
+from .step_compile import ALWAYS, CACHED, NEVER, RECOMPILE_LIMIT, CompilePlan, StepShape
+from .step_recording import CudaGraphRecorder, RecordedStep, Recorder
 
 CAPACITY_STEP = 64  # cache lengths are rounded up to this, so prompts of similar length share one cache and graph
 KEPT_ROW_COUNTS = 2  # on CUDA: a batch of 16 x 4 beams of 13B holds ~10 GB of cache, so not every one is kept
@@ -42,23 +53,8 @@ class DecodeEngine(Protocol):
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one id per row (rows,) at the next position; logits (rows, V), valid until the next step."""
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Row i of the cache becomes row `rows[i]` (beam search's surviving hypotheses)."""
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """The cache's shape facts, read once from the model's config."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-
-
-def _layout(config: Any) -> _Layout:
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return _Layout(config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim)
+    def reorder(self, sources: Sequence[int]) -> None:
+        """Row i of the cache becomes row `sources[i]` (beam search's surviving hypotheses)."""
 
 
 @lru_cache(maxsize=None)
@@ -68,123 +64,66 @@ def cache_keyword(layer_class: type) -> str:
     return "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
 
 
-class StaticKV:
-    """One row count's cache and the state of the call using it; what the attention layers call `update` on.
-
-    `length` is the number of filled positions. In `masked` mode (CUDA graphs) `update` writes at the position held
-    in the device tensor `position` and returns the whole cache, which `step_mask` limits to the filled part;
-    otherwise it returns exactly the filled part (no mask), as transformers' dynamic cache would.
-    """
-
-    def __init__(self, layout: _Layout, rows: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
-        # zeros, not empty: masked-out positions are still multiplied by 0 in attention, and garbage could be NaN
-        self.kv = torch.zeros(
-            (layout.layers, 2, rows, layout.kv_heads, capacity, layout.head_dim), dtype=dtype, device=device
-        )
-        self.rows, self.capacity = rows, capacity
-        self.length = 0
-        self.masked = False
-        self.position = torch.zeros(1, dtype=torch.long, device=device)  # the step's position, as data
-        self._positions = torch.arange(capacity, device=device)
-
-    def fits(self, rows: int, capacity: int, dtype: torch.dtype) -> bool:
-        return self.rows == rows and self.capacity >= capacity and self.kv.dtype == dtype
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        """transformers' cache call from inside attention: store this layer's new key/value, return what to attend."""
-        new = key.shape[2]
-        keys, values = self.kv[layer_idx, 0], self.kv[layer_idx, 1]
-        if self.length == 0:  # the prompt: written for every beam of its prompt row; attention uses its own k/v
-            repeat = self.rows // key.shape[0]
-            keys.view(key.shape[0], repeat, *keys.shape[1:])[:, :, :, :new] = key[:, None]
-            values.view(value.shape[0], repeat, *values.shape[1:])[:, :, :, :new] = value[:, None]
-            return key, value
-        if self.masked:
-            keys.index_copy_(2, self.position, key)
-            values.index_copy_(2, self.position, value)
-            return keys, values
-        keys[:, :, self.length : self.length + 1] = key
-        values[:, :, self.length : self.length + 1] = value
-        return keys[:, :, : self.length + 1], values[:, :, : self.length + 1]
-
-    def step_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask over the whole cache: 0 up to and including `position`, blocked after. (1, 1, 1, capacity)"""
-        blocked = self._positions > self.position
-        return _additive(blocked, dtype).view(1, 1, 1, -1)
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        filled = self.kv[:, :, :, :, : self.length]
-        filled.copy_(filled.index_select(2, rows.to(self.kv.device)))
-
-
-def _additive(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An attention mask to add to the scores: 0 where allowed, the dtype's lowest value where `blocked`."""
-    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, torch.finfo(dtype).min)
-
-
-class _CapturedStep:
-    """One row count's decode step recorded as a CUDA graph: static token/position inputs, static logits output."""
-
-    def __init__(self, engine: "LlamaEngine", cache: StaticKV, pool: Any) -> None:
-        self.cache = cache
-        self.tokens = torch.zeros(cache.rows, dtype=torch.long, device=cache.kv.device)
-        self.graph = torch.cuda.CUDAGraph()
-        self.logits: torch.Tensor | None = None
-        self._engine, self._pool = engine, pool
-
-    def run(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
-        if self.logits is None:
-            # first use: one eager step in masked mode gives this step's logits and warms up every kernel (on a side
-            # stream, as capture requires); the recording that follows executes nothing, so the cache is written once
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # the same position written twice with the same values: idempotent
-                    first = self._engine._step_forward(self.tokens, self.cache).clone()
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(self.graph, pool=self._pool):
-                self.logits = self._engine._step_forward(self.tokens, self.cache)
-            return first
-        self.graph.replay()
-        return self.logits
+def capacity_for(positions: int, compiled: bool) -> int:
+    """The cache length a call needing `positions` gets: the next multiple of CAPACITY_STEP, or when steps may be
+    compiled (one graph per length) the next power of two of such multiples, so a long-lived process meets few."""
+    steps = -(-positions // CAPACITY_STEP)
+    if compiled:
+        steps = 1 << (steps - 1).bit_length()
+    return steps * CAPACITY_STEP
 
 
 class LlamaEngine:
     """`DecodeEngine` over a Hugging Face LLaMA-family causal LM (`lm`: the model, or peft's wrapper around it).
 
-    `capture`: record the step as a CUDA graph (default: on CUDA, unless SALMONN_CUDA_GRAPHS=0). `masked_steps`:
-    steps attend over the whole cache through a mask built on the device, as a recorded step must (default: when
-    capturing; on its own it runs the recorded step's arithmetic eagerly, to compare the two). A cache (and its
-    graph) is kept per row count, for the two most recently used row counts on CUDA and one elsewhere (host
-    memory is the scarcer there); `release()` frees them.
+    `capture`: record the masked step as a CUDA graph (default: on CUDA, unless SALMONN_CUDA_GRAPHS=0 or the model
+    cannot be recorded); `recorder` records it another way (the tests' CPU stand-in). `masked_steps`: take the
+    masked step even when it is neither recorded nor compiled (to compare its arithmetic with the exact step's).
+    `compile`: which step shapes to compile (step_compile.CompilePlan). A cache (and its recorded step) is kept
+    per row count, for the two most recently used row counts when recording and one otherwise (host memory is the
+    scarcer there); `release()` frees them.
     """
 
-    def __init__(self, lm: Any, *, capture: bool | None = None, masked_steps: bool | None = None) -> None:
+    def __init__(
+        self,
+        lm: Any,
+        *,
+        capture: bool | None = None,
+        masked_steps: bool = False,
+        compile: CompilePlan = CompilePlan(),
+        recorder: Recorder | None = None,
+    ) -> None:
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # peft keeps the HF modules in place
         self.base = base
-        self.layout = _layout(base.config)
+        self.layout = Layout.of(base.config)
         self._embed = base.get_input_embeddings()
         self.device = self._embed.weight.device
-        if capture is None:
-            capture = self.device.type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
-        self.capture = bool(capture) and self.device.type == "cuda"
-        self.masked_steps = self.capture if masked_steps is None else bool(masked_steps) or self.capture
         self._keyword = cache_keyword(type(base.model.layers[0]))
-        # caches (and graphs) kept: two row counts on CUDA (greedy and beams, say), one elsewhere (host memory)
+        # installed before anything is recorded or compiled: every step reads the scales from this one vector
+        self._scales = lora_scale_tensor(base)
+        self._adapter_state = adapter_state(base)
+        self._recorder = recorder
+        self.capture = self._capture_allowed(capture)
+        self.masked_steps = masked_steps
+        self.compile_plan = compile
+        self.compile_seconds: list[float] = []  # each compile's start cost, in the order paid (the benchmark's)
+        self._compiled: Any = None  # the compiled masked step, made on first need
+        self._markers: Any = None  # the folder of step_compile's markers, once compiling is on
+        self._compiled_shapes: dict[tuple[int, int], bool] = {}  # (rows, capacity) -> compiled or not
+        # caches (and recorded steps) kept: two row counts when recording (greedy and beams, say), one elsewhere
         self._keep = KEPT_ROW_COUNTS if self.capture else 1
         self._caches: dict[int, StaticKV] = {}
-        self._graphs: dict[int, _CapturedStep] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self._recorded: dict[int, RecordedStep] = {}
         self._cache: StaticKV | None = None  # the current call's
 
     # -- the DecodeEngine protocol -------------------------------------------------------------------------
     def start(self, inputs_embeds: torch.Tensor, beams: int, max_new_tokens: int) -> torch.Tensor:
+        self._follow_the_adapter()
         batch, length = inputs_embeds.shape[:2]
         # the last generated id is never fed, so prompt + max_new_tokens positions always suffice
-        capacity = -(-(length + max_new_tokens) // CAPACITY_STEP) * CAPACITY_STEP
+        capacity = capacity_for(length + max_new_tokens, self.compile_plan.when != NEVER)
         cache = self._cache_for(batch * beams, capacity, inputs_embeds.dtype)
-        cache.length, cache.masked = 0, False
+        cache.length, cache.phase = 0, PROMPT
         positions = torch.arange(length, device=inputs_embeds.device)[None]
         hidden = self._layers(inputs_embeds, positions, self._prompt_mask(length, inputs_embeds.dtype), cache)
         cache.length = length
@@ -194,49 +133,168 @@ class LlamaEngine:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         cache = self._cache
-        if self.masked_steps:
-            cache.masked = True
-            cache.position.fill_(cache.length)  # a device-side write outside any graph: the graph reads the tensor
-        if self.capture:
-            graph = self._graphs.get(cache.rows)
-            if graph is None or graph.cache is not cache:
-                graph = self._graphs[cache.rows] = _CapturedStep(self, cache, self._pool)
-            logits = graph.run(tokens)
-        else:
-            logits = self._step_forward(tokens, cache)
+        logits = self._fast_step(tokens, cache)
+        if logits is None:
+            cache.phase = EXACT
+            logits = self._exact_step(tokens, cache)
         cache.length += 1
         return logits
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        self._cache.reorder(rows)
+    def reorder(self, sources: Sequence[int]) -> None:
+        self._cache.reorder(sources)
 
     def release(self) -> None:
-        """Free every cache and graph (the next call allocates and, on CUDA, records again)."""
+        """Free every cache and recorded step (the next call allocates and, on CUDA, records again)."""
         self._caches.clear()
-        self._graphs.clear()
+        self._recorded.clear()
         self._cache = None
 
-    # -- internals -------------------------------------------------------------------------------------------
+    # -- the fast step and its fallbacks ---------------------------------------------------------------------
+    def _fast_step(self, tokens: torch.Tensor, cache: StaticKV) -> torch.Tensor | None:
+        """The masked step, compiled and/or recorded where this engine does either; None: take the exact step."""
+        compiled = self._compiled_for(cache)
+        if not (compiled or self.capture or self.masked_steps):
+            return None
+        cache.phase = MASKED
+        cache.position.fill_(cache.length)  # a device-side write outside any graph: the step reads the tensor
+        if compiled and (cache.rows, cache.capacity) not in self._compiled_shapes and not self._compile(tokens, cache):
+            compiled = False
+        step = self._compiled if compiled else self._masked_step
+        if not self.capture:
+            return step(tokens, cache) if compiled or self.masked_steps else None
+        recorded = self._recorded.get(cache.rows)
+        if recorded is None or recorded.cache is not cache:
+            recorded = self._recorded[cache.rows] = RecordedStep(cache, step, self._recorder or CudaGraphRecorder())
+        try:
+            return recorded.run(tokens)
+        except RuntimeError as error:  # torch's errors from a refused recording (AcceleratorError is one)
+            self._stop_recording(error)
+            return step(tokens, cache) if compiled else None
+
+    def _compiled_for(self, cache: StaticKV) -> bool:
+        """Whether this cache's steps are compiled: the plan's answer for its shape, decided once per shape."""
+        if self.compile_plan.when == NEVER:
+            return False
+        shape = (cache.rows, cache.capacity)
+        decided = self._compiled_shapes.get(shape)
+        if decided is None:
+            decided = self.compile_plan.when == ALWAYS or self._compiled_here_before(cache)
+            if decided and self._compiled is None and not self._make_compiled():
+                return False
+            if not decided:
+                self._compiled_shapes[shape] = False
+        return decided
+
+    def _make_compiled(self) -> bool:
+        from quantize import uncompilable_reason
+
+        from .step_compile import use_compile_cache
+
+        reason = uncompilable_reason(self.base)
+        if reason is not None:
+            if self.compile_plan.asked:
+                warn(f"the decode step is not compiled: {reason}")
+            self.compile_plan = CompilePlan(NEVER)
+            return False
+        self._markers = use_compile_cache()
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        self._compiled = torch.compile(self._masked_step, fullgraph=True, dynamic=False)
+        return True
+
+    def _compile(self, tokens: torch.Tensor, cache: StaticKV) -> bool:
+        """Compile the step for this cache's shape now (its first run; the position it writes is written again by
+        the run that follows, with the same values), timing the start cost. False: compiling failed."""
+        from .step_compile import mark_compiled, was_compiled
+
+        shape = self._step_shape(cache)
+        first_here = not was_compiled(self._markers, shape)
+        started = time.perf_counter()
+        try:
+            with warnings.catch_warnings():  # what PyTorch says to the authors of quanto's tensors, not to a user
+                warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
+                self._compiled(tokens, cache)
+        except RuntimeError as error:  # dynamo's and inductor's errors are RuntimeErrors
+            self._stop_compiling(error)
+            return False
+        seconds = time.perf_counter() - started
+        if first_here and not self.compile_seconds:  # the start cost, said once: the first time on this machine
+            inform(f"compiled the decode step in {seconds:.1f} s, once for this machine and shape (kept in "
+                   f"{self._markers.parent})")  # fmt: skip
+        self.compile_seconds.append(seconds)
+        self._compiled_shapes[(cache.rows, cache.capacity)] = True
+        mark_compiled(self._markers, shape, seconds)
+        return True
+
+    def _compiled_here_before(self, cache: StaticKV) -> bool:
+        from .step_compile import use_compile_cache, was_compiled
+
+        return was_compiled(use_compile_cache(), self._step_shape(cache))
+
+    def _step_shape(self, cache: StaticKV) -> StepShape:
+        return StepShape(_model_identity(self.base), cache.rows, cache.capacity, _device_name(self.device),
+                         _versions())  # fmt: skip
+
+    def _stop_recording(self, error: RuntimeError) -> None:
+        self.capture = False
+        self._recorded.clear()
+        warn(f"recording the decode step as a CUDA graph failed ({_first_line(error)}): decoding goes on without it, "
+             f"which is slower (SALMONN_CUDA_GRAPHS=0 skips the attempt)")  # fmt: skip
+
+    def _stop_compiling(self, error: RuntimeError) -> None:
+        self.compile_plan, self._compiled = CompilePlan(NEVER), None
+        self._compiled_shapes.clear()
+        warn(f"compiling the decode step failed ({_first_line(error)}): decoding goes on uncompiled, which is slower"
+             " (--compile off skips the attempt)")
+
+    def _capture_allowed(self, asked: bool | None) -> bool:
+        from quantize import unrecordable_reason
+
+        on_cuda = self.device.type == "cuda"
+        if asked is None:
+            asked = on_cuda and os.environ.get(GRAPHS_ENV, "1") != "0"
+        if not asked or not (on_cuda or self._recorder is not None):
+            return False
+        reason = unrecordable_reason(self.base)
+        if reason is not None:
+            warn(f"the decode step is not recorded as a CUDA graph: {reason}; each step runs eagerly, which is slower")
+            return False
+        return True
+
+    def _follow_the_adapter(self) -> None:
+        """Before each call: scalings peft replaced go back into the scale vector every step reads (lora_scale_tensor),
+        and a changed adapter state (disabled, merged, another adapter active) drops the steps recorded under the old
+        one (a compiled step's own guards recompile it)."""
+        lora_scale_tensor(self.base)
+        state = adapter_state(self.base)
+        if state != self._adapter_state:
+            self._adapter_state = state
+            self._recorded.clear()
+
+    # -- the model's arithmetic ---------------------------------------------------------------------------------
     def _cache_for(self, rows: int, capacity: int, dtype: torch.dtype) -> StaticKV:
         cache = self._caches.pop(rows, None)  # re-inserted below: the dict's order is least recently used first
         if cache is None or not cache.fits(rows, capacity, dtype):
             cache = self._cache = None  # an unfit cache is freed before its successor is allocated
-            self._graphs.pop(rows, None)  # a graph is bound to its cache's memory
+            self._recorded.pop(rows, None)  # a recorded step is bound to its cache's memory
             while len(self._caches) > self._keep - 1:  # and so are the least recently used beyond the kept number
                 oldest = next(iter(self._caches))
                 del self._caches[oldest]
-                self._graphs.pop(oldest, None)
+                self._recorded.pop(oldest, None)
             cache = StaticKV(self.layout, rows, capacity, dtype, self.device)
         self._caches[rows] = self._cache = cache
         return cache
 
-    def _step_forward(self, tokens: torch.Tensor, cache: StaticKV) -> torch.Tensor:
+    def _masked_step(self, tokens: torch.Tensor, cache: StaticKV) -> torch.Tensor:
+        """One id per row at `cache.position`, attending over the whole cache: reads tensors only (recordable)."""
         hidden = self._embed(tokens[:, None])
-        if cache.masked:
-            positions, mask = cache.position.view(1, 1), cache.step_mask(hidden.dtype)
-        else:
-            positions, mask = torch.full((1, 1), cache.length, dtype=torch.long, device=tokens.device), None
-        return self._head(self._layers(hidden, positions, mask, cache))
+        mask = cache.step_mask(hidden.dtype)
+        return self._head(self._layers(hidden, cache.position.view(1, 1), mask, cache))
+
+    def _exact_step(self, tokens: torch.Tensor, cache: StaticKV) -> torch.Tensor:
+        """One id per row at `cache.length`, attending to exactly the filled positions (transformers' numbers)."""
+        hidden = self._embed(tokens[:, None])
+        positions = torch.full((1, 1), cache.length, dtype=torch.long, device=tokens.device)
+        return self._head(self._layers(hidden, positions, None, cache))
 
     def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: StaticKV):
         """Every decoder layer on `hidden` (rows, L, D) at `positions` (1, L): transformers' own layer code."""
@@ -253,17 +311,40 @@ class LlamaEngine:
         if self.base.config._attn_implementation == "sdpa":
             return None
         blocked = torch.ones(length, length, dtype=torch.bool, device=self.device).triu(1)
-        return _additive(blocked, dtype)[None, None]
+        return additive_mask(blocked, dtype)[None, None]
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.base.lm_head(self.base.model.norm(hidden))[:, -1, :]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _model_identity(base: Any) -> str:
+    """What a compiled step depends on in the model: its config, dtype and the kinds of its layers."""
+    kinds = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in base.modules()})
+    return f"{base.config.to_json_string(use_diff=False)}|{base.get_input_embeddings().weight.dtype}|{kinds}"
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+@lru_cache(maxsize=1)
+def _versions() -> str:
+    from importlib.metadata import version
+
+    return " ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "peft"))
 
 
 _ENGINE_ATTRIBUTE = "_salmonn_decode_engine"
 
 
 def engine_for(lm: Any) -> LlamaEngine:
-    """The one engine of a model (created on first use), so its caches and CUDA graphs serve every call.
+    """The one engine of a model (created on first use), so its caches, recorded and compiled steps serve every call.
 
     Kept on the model itself (a plain attribute, not a submodule): it lives and dies with the model.
     """
@@ -273,3 +354,8 @@ def engine_for(lm: Any) -> LlamaEngine:
         engine = LlamaEngine(base)
         base.__dict__[_ENGINE_ATTRIBUTE] = engine
     return engine
+
+
+def plan_compile(lm: Any, plan: CompilePlan) -> None:
+    """Which step shapes the engine of `lm` compiles from now on (`step_compile.compile_plan`)."""
+    engine_for(lm).compile_plan = plan

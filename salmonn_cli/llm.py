@@ -121,6 +121,7 @@ def attach_lora(model: "nn.Module", spec: LoraSpec, lora: Mapping[str, "torch.Te
         for key, target in expected.items():
             target.copy_(lora[key].to(dtype=target.dtype, device=target.device))
     wrapped.requires_grad_(False)
+    decoding_lora_dtype(wrapped)
     return wrapped.eval()
 
 
@@ -165,12 +166,17 @@ def lora_layers(model: "nn.Module") -> list["nn.Module"]:
 
 
 def lora_scale_tensor(model: "nn.Module") -> "torch.Tensor | None":
-    """The one 0-dim tensor every LoRA layer of `model` multiplies by (W x + s * B A x); None without LoRA.
+    """The float32 vector of LoRA scalings, one element per LoRA layer of `model` (W x + s_i * B A x); None
+    without LoRA.
 
-    peft keeps a Python float per layer; the first call puts one shared float32 tensor, on the adapter's device, in
-    its place, so changing the scale is a device-side write (`fill_`): a CUDA graph or compiled step that read the
-    tensor keeps reading it, and nothing is recorded or compiled again. peft's forward multiplies by whatever the
-    dict holds, and the tensor's product is the float's exactly (s = 0 gives the base output to the bit).
+    peft keeps a Python float per layer; the first call puts, in each layer's place, a 0-dim view of its own
+    element of one vector on the adapter's device. So setting the scale is one device-side write (`fill_`) that a
+    CUDA graph or compiled step recorded earlier keeps reading; and peft's own in-place `scale_layer` (`scaling *=
+    s`) changes that layer's element alone, as it does to a float, where one shared 0-dim tensor would compound the
+    factor over every layer. A layer whose scaling was replaced since (peft's `set_scale` or `unscale_layer` assign a
+    new value) gets its value written back into its element and the view back: the vector, and every step recorded
+    over it, stays the one to read. The product with a view is the float's exactly (s = 0 gives the base output to
+    the bit).
     """
     import torch
 
@@ -178,14 +184,51 @@ def lora_scale_tensor(model: "nn.Module") -> "torch.Tensor | None":
     if not layers:
         return None
     device = layers[0].lora_A[ADAPTER].weight.device
-    current = layers[0].scaling[ADAPTER]
-    shared = current if isinstance(current, torch.Tensor) and current.device == device else None
-    if shared is None or any(layer.scaling[ADAPTER] is not shared for layer in layers):
+    vector = _bound_scale_vector(layers, device)
+    if vector is None:
         with torch.inference_mode(False):  # a normal tensor: training multiplies by it and saves it for backward
-            shared = torch.tensor(float(current), dtype=torch.float32, device=device)
-        for layer in layers:
-            layer.scaling[ADAPTER] = shared
-    return shared
+            vector = torch.tensor([float(layer.scaling[ADAPTER]) for layer in layers], dtype=torch.float32,
+                                  device=device)  # fmt: skip
+            _install_views(layers, vector, range(len(layers)))
+        return vector
+    stray = [i for i, layer in enumerate(layers) if not _is_view_of(layer.scaling[ADAPTER], vector, i)]
+    if stray:
+        with torch.inference_mode(False), torch.no_grad():
+            for i in stray:  # peft assigned a float (or a new tensor) here: its value, into the bound element
+                vector[i] = float(layers[i].scaling[ADAPTER])
+            _install_views(layers, vector, stray)
+    return vector
+
+
+def _bound_scale_vector(layers: list, device) -> "torch.Tensor | None":
+    """The scale vector the layers' views belong to (the first view found tells), if it is whole and on `device`."""
+    import torch
+
+    for layer in layers:
+        scaling = layer.scaling[ADAPTER]
+        base = getattr(scaling, "_base", None) if isinstance(scaling, torch.Tensor) else None
+        if base is not None and base.dim() == 1 and base.numel() == len(layers) and base.device == device:
+            return base
+    return None
+
+
+def _is_view_of(scaling, vector: "torch.Tensor", index: int) -> bool:
+    import torch
+
+    return (
+        isinstance(scaling, torch.Tensor)
+        and scaling._base is vector
+        and scaling.dim() == 0
+        and scaling.data_ptr() == vector.data_ptr() + index * vector.element_size()
+    )
+
+
+def _install_views(layers: list, vector: "torch.Tensor", indices) -> None:
+    import torch
+
+    with torch.inference_mode(False):
+        for i in indices:
+            layers[i].scaling[ADAPTER] = vector[i]
 
 
 def lora_scales(model: "nn.Module") -> set[float]:
@@ -193,27 +236,58 @@ def lora_scales(model: "nn.Module") -> set[float]:
     return {float(layer.scaling[ADAPTER]) for layer in lora_layers(model)}
 
 
+def adapter_state(model: "nn.Module") -> tuple:
+    """What a recorded step takes as fixed about the adapter: per LoRA layer, whether it is disabled, merged, and
+    which adapters are active. Python branches in peft's forward read these, so a step recorded under one state
+    would replay that state's arithmetic under another (the scale, being data, is not part of it)."""
+    return tuple((layer.disable_adapters, layer.merged, tuple(layer.active_adapters)) for layer in lora_layers(model))
+
+
+def set_lora_dtype(model: "nn.Module", dtype: "torch.dtype") -> None:
+    """Keep the LoRA matrices of `model` in `dtype`.
+
+    Decoding keeps them in the LLM's own (half) precision: peft upcasts them to float32 (`autocast_adapter_dtype`),
+    which costs a cast of the input and one of the output on every adapted layer of every step, for a first-logits
+    difference lost in half precision's own (on every reference case: float16 0.0060-0.0100 from float32's logits
+    with float32 LoRA or with float16 LoRA alike; bfloat16 0.064-0.10 either way; the same argmax). Training gives
+    them float32 master weights, as peft does, for the duration (`finetune`, `train`).
+    """
+    for layer in lora_layers(model):
+        for adapters in (layer.lora_A, layer.lora_B):
+            if ADAPTER in adapters:
+                adapters[ADAPTER].to(dtype)
+
+
+def decoding_lora_dtype(model: "nn.Module") -> None:
+    """The LoRA matrices of `model` in the dtype its activations run in (the token table's), for decoding."""
+    import torch
+
+    dtype = input_embeddings(model).weight.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        set_lora_dtype(model, dtype)
+
+
 @contextlib.contextmanager
 def scaled_lora(model: "nn.Module", scale: float | None) -> Iterator[None]:
     """Set the scaling every LoRA layer applies (W x + scale * B A x) for the duration of a call.
 
-    `None` leaves the current scaling; 0 turns LoRA off. The previous value is restored afterwards. The scale is
-    data (`lora_scale_tensor`), so a new value re-records and re-compiles nothing.
+    `None` leaves the current scaling; 0 turns LoRA off. Each layer's previous value is restored afterwards. The
+    scale is data (`lora_scale_tensor`), so a new value re-records and re-compiles nothing.
     """
-    shared = None if scale is None else lora_scale_tensor(model)
-    if shared is None:
+    vector = None if scale is None else lora_scale_tensor(model)
+    if vector is None:
         yield
         return
     import torch
 
-    saved = float(shared)
+    with torch.inference_mode(False), torch.no_grad():
+        saved = vector.clone()
+        vector.fill_(float(scale))
     try:
-        with torch.inference_mode(False), torch.no_grad():
-            shared.fill_(float(scale))
         yield
     finally:
         with torch.inference_mode(False), torch.no_grad():
-            shared.fill_(saved)
+            vector.copy_(saved)
 
 
 def input_embeddings(model: "nn.Module") -> "nn.Module":

@@ -73,7 +73,7 @@ def build_language_model_by_layer(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .llm import attach_lora, quantize_base_layers
+    from .llm import attach_lora, decoding_lora_dtype, quantize_base_layers
 
     folder = weights.folder
     with torch.device("meta"):
@@ -98,6 +98,7 @@ def build_language_model_by_layer(
         module.to(device)
     if config.tie_word_embeddings:
         llama.tie_weights()
+    decoding_lora_dtype(model)  # the checkpoint's LoRA tensors were assigned as the file holds them
     weights.close()
     reset_rotary(llama, device)
     _check_nothing_on_meta(model, folder)

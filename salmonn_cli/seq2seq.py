@@ -8,6 +8,7 @@ The model's own forward does the work, with transformers' `EncoderDecoderCache`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,11 +38,12 @@ class Seq2SeqEngine:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self._decode(tokens)
 
-    def reorder(self, rows: torch.Tensor) -> None:
+    def reorder(self, sources: Sequence[int]) -> None:
         # Beams of one prompt share its encoder output, so only the decoder's cache moves (the cross-attention
         # keys of a row's beams are equal: reordering them too is harmless).
-        self._cache.reorder_cache(rows.to(self._encoded.device))
-        self._encoded = self._encoded.index_select(0, rows.to(self._encoded.device))
+        rows = torch.tensor(sources, device=self._encoded.device)
+        self._cache.reorder_cache(rows)
+        self._encoded = self._encoded.index_select(0, rows)
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         cache = {self._keyword: self._cache}  # filled in place by every decoder layer

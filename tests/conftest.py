@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# compiled decode steps go to one folder of this machine's temporary files, shared by the test processes (xdist
+# workers, the CLI's subprocesses): never into the user's own cache, and compiled once per shape per machine
+os.environ.setdefault("SALMONN_COMPILE_CACHE", str(Path(tempfile.gettempdir()) / f"salmonn-tests-compile-{os.getuid()}"))
 
 
 def make_tiny(out: Path, *args: str) -> Path:

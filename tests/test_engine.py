@@ -100,7 +100,7 @@ def test_beams_are_reordered_inside_the_one_cache(lm, embeds):
     engine.step(VOCAB_IDS[3:6])
     cache = engine._cache
     address, before = cache.kv.data_ptr(), cache.kv[:, :, :, :, : cache.length].clone()
-    engine.reorder(torch.tensor([2, 2, 0]))
+    engine.reorder([2, 2, 0])
     assert cache.kv.data_ptr() == address
     torch.testing.assert_close(cache.kv[:, :, :, :, : cache.length], before[:, :, [2, 2, 0]], rtol=0, atol=0)
     # the rows fed [5, 29], [17, 11], [3, 8]; now they hold [3, 8], [3, 8], [5, 29] and go on from there
@@ -144,11 +144,47 @@ def test_lora_scale_is_data_and_zero_is_the_base_model_to_the_bit(lm, embeds):
     shared = lora_scale_tensor(lm)
     trained = _engine_logits(engine, embeds, _fed(2))
     with scaled_lora(lm, 0.0):
-        assert lora_scale_tensor(lm) is shared and float(shared) == 0.0
+        assert lora_scale_tensor(lm) is shared and shared.tolist() == [0.0] * len(shared)
         off = _engine_logits(engine, embeds, _fed(2))
     with lm.disable_adapter():
         base = _engine_logits(engine, embeds, _fed(2))
-    assert float(shared) == 4.0 and lora_scale_tensor(lm) is shared
+    assert shared.tolist() == [4.0] * len(shared) and lora_scale_tensor(lm) is shared
     for a, b, c in zip(off, base, trained, strict=True):
         assert torch.equal(a, b)
         assert not torch.equal(a, c)
+
+
+def test_a_beam_reorder_copies_only_the_rows_that_change():
+    """The identity moves nothing; a reorder copies each changed row once, setting aside only the sources it
+    overwrites (a swap, a cycle), and matches a gather of the whole cache."""
+    from salmonn_cli.kv_cache import Layout, StaticKV
+    from tests.gpu_properties import KernelCounter
+
+    cache = StaticKV(Layout(layers=2, kv_heads=2, head_dim=4), rows=5, capacity=16, dtype=torch.float32,
+                     device=torch.device("cpu"))  # fmt: skip
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=torch.Generator().manual_seed(0)))
+    cache.length = 9
+    for sources, kernels in (([0, 1, 2, 3, 4], 0), ([0, 0, 2, 3, 4], 1), ([1, 0, 2, 3, 4], 3), ([2, 2, 3, 1, 4], 5)):
+        before = cache.kv.clone()
+        with KernelCounter() as counted:
+            cache.reorder(sources)
+        assert counted.total == kernels, (sources, dict(counted.counts))  # copies (+ one gather to set aside)
+        expected = before.clone()
+        expected[:, :, :, :, :9] = before[:, :, sources, :, :9]
+        assert torch.equal(cache.kv, expected), sources  # past the filled length nothing moved
+
+
+@torch.inference_mode()
+def test_beam_bookkeeping_reads_the_device_once_a_step(lm, embeds, monkeypatch):
+    """Three `.tolist()` a step (each a wait on the GPU) became one; the ids are what they were."""
+    from salmonn_cli.generate import DecodeOptions, decode
+
+    calls = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(self.shape) or tolist(self))
+    options = DecodeOptions(num_beams=3, max_new_tokens=6, min_length=7)  # no eos: no hypothesis finishes early
+    out = decode(LlamaEngine(lm), embeds[:1], options)
+    monkeypatch.undo()
+    assert len(out.token_ids) == 6
+    steps = [shape for shape in calls if shape == (3, 1, 6)]  # scores, ids and sources of 2 x 3 candidates
+    assert len(steps) == 6 and len(calls) == 6 + 3  # and finalize's three running beams

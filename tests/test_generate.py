@@ -130,8 +130,8 @@ class TableEngine:
         self.rows = [row + (token,) for row, token in zip(self.rows, tokens.tolist(), strict=True)]
         return self._logits()
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        self.rows = [self.rows[i] for i in rows.tolist()]
+    def reorder(self, sources: list[int]) -> None:
+        self.rows = [self.rows[i] for i in sources]
 
     def _logits(self) -> torch.Tensor:
         return torch.stack([self.table(row) for row in self.rows])

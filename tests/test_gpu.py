@@ -66,6 +66,30 @@ def test_reference_ids_on_cuda_in_float32_through_the_captured_step(json_path):
         assert list(out.token_ids) == case.arrays[key][1:].tolist(), scale
 
 
+@pytest.mark.parametrize("json_path", _reference_cases(), ids=[p.stem for p in _reference_cases()])
+def test_reference_ids_on_cuda_in_float32_through_the_compiled_captured_step(json_path):
+    """The same through the compiled step, recorded as a CUDA graph: every id the original's."""
+    from salmonn_cli.engine import LlamaEngine
+    from salmonn_cli.generate import DecodeOptions, decode
+    from salmonn_cli.llm import scaled_lora
+    from salmonn_cli.step_compile import ALWAYS, CompilePlan
+    from tests.reference import load_case
+    from tests.test_generate import _build_reference_lm
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    case = load_case(json_path)
+    lm = _build_reference_lm(case.components).to(CUDA)
+    engine = LlamaEngine(lm, compile=CompilePlan(ALWAYS))
+    embeds = torch.from_numpy(case.arrays["inputs_embeds"]).to(CUDA)
+    generation = case.meta["generation"]
+    for how, scale, key in (("greedy", None, "greedy_ids"), ("beam", None, "beam_ids"),
+                            ("greedy", 2.0, "greedy_ids_lora_scale_2p0"), ("greedy", 0.0, "greedy_ids_lora_scale_0p0")):
+        with scaled_lora(lm, scale):
+            out = decode(engine, embeds, DecodeOptions(**generation[how]))
+        assert list(out.token_ids) == case.arrays[key][1:].tolist(), (how, scale)
+    assert engine.capture and engine.compile_seconds, "compiled and recorded"
+
+
 # -- the captured step ---------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def test_captured_step_equals_the_eager_step():
@@ -170,6 +194,59 @@ def test_quantised_first_logits_follow_full_precision_and_lora_scale_still_acts(
         off = engine.start(embeds.to(dtype), 1, 4).clone()
         step_off = engine.step(torch.tensor([7], device=CUDA)).clone()
     assert not torch.allclose(first, off) and not torch.allclose(step, step_off)
+
+
+@pytest.mark.parametrize("backend, mode", [(None, "none"), *BACKENDS], ids=["fp16", *[f"{b}-{m}" for b, m in BACKENDS]])
+@torch.inference_mode()
+def test_one_masked_step_per_backend_under_sync_debug_mode(small_llm, backend, mode):
+    """What a graph may record: a masked step that never waits on the GPU (torch raises on any sync in "error"
+    mode). LLM.int8 does wait (its outlier check), which is why it is never recorded."""
+    if backend:
+        needs(backend)
+    from salmonn_cli.engine import LlamaEngine
+
+    lm, dtype = _small_with_lora(small_llm, backend, mode)
+    engine = LlamaEngine(lm, capture=False, masked_steps=True)
+    embeds = torch.randn(1, 16, 512, generator=torch.Generator().manual_seed(2)).to(CUDA, dtype)
+    engine.start(embeds, 1, 4)
+    tokens = torch.tensor([7], device=CUDA)
+    engine.step(tokens)  # kernels loaded, lazy state made, outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        if (backend, mode) == ("bitsandbytes", "8bit"):
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                engine.step(tokens)
+        else:
+            engine.step(tokens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend, mode", [(None, "none"), *BACKENDS], ids=["fp16", *[f"{b}-{m}" for b, m in BACKENDS]])
+@torch.inference_mode()
+def test_the_compiled_recorded_step_follows_the_eager_one_per_backend(small_llm, backend, mode):
+    if backend:
+        needs(backend)
+    from quantize import uncompilable_reason
+    from salmonn_cli.engine import LlamaEngine
+    from salmonn_cli.llm import scaled_lora
+    from salmonn_cli.step_compile import ALWAYS, CompilePlan
+
+    lm, dtype = _small_with_lora(small_llm, backend, mode)
+    if uncompilable_reason(lm):
+        assert (backend, mode) == ("bitsandbytes", "8bit"), uncompilable_reason(lm)
+        return
+    embeds = torch.randn(1, 16, 512, generator=torch.Generator().manual_seed(2)).to(CUDA, dtype)
+    fed = [torch.tensor([t], device=CUDA) for t in (7, 3, 11)]
+    runs = {}
+    for name, engine in {"eager": LlamaEngine(lm, capture=False),
+                         "compiled": LlamaEngine(lm, compile=CompilePlan(ALWAYS))}.items():  # fmt: skip
+        with scaled_lora(lm, 2.0):
+            runs[name] = torch.stack([engine.start(embeds, 1, 8).clone()] + [engine.step(t).clone() for t in fed])
+        if name == "compiled":
+            assert engine.compile_seconds and engine.capture
+    assert cosine(runs["compiled"].float(), runs["eager"].float()) >= 0.999
 
 
 # -- QLoRA finetuning and the CLI ----------------------------------------------------------------------------------

@@ -129,6 +129,10 @@ def test_spec_parsing_and_validation():
     assert QuantSpec("4bit").backend_for("cuda", torchao_ready=True) == "torchao"
     assert QuantSpec("4bit").backend_for("cuda", torchao_ready=False) == "bitsandbytes"
     assert QuantSpec("4bit", "bitsandbytes").backend_for("cuda", torchao_ready=True) == "bitsandbytes"
+    # torchao's int8 layer converts its whole weight each call: faster than float16 only once compiled
+    assert QuantSpec("8bit").backend_for("cuda", torchao_ready=True) == "bitsandbytes"
+    assert QuantSpec("8bit").backend_for("cuda", torchao_ready=True, compiled=True) == "torchao"
+    assert QuantSpec("8bit", "torchao").backend_for("cuda", torchao_ready=True) == "torchao"  # asked for by name
     assert QuantSpec("4bit").backend_for("cpu") == QuantSpec("4bit").backend_for("mps") == "quanto"
     assert QuantSpec("4bit", "bitsandbytes").backend_for("cpu") == "bitsandbytes"
     with pytest.raises(QuantizationError, match="3bit"):

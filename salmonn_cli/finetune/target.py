@@ -17,7 +17,7 @@ from .. import prompt as prompts
 from ..audio import load_audio
 from ..checkpoint import original_lora_key
 from ..errors import UsageError
-from ..llm import input_embeddings, scaled_lora
+from ..llm import decoding_lora_dtype, input_embeddings, scaled_lora, set_lora_dtype
 from .data import FewShotExample
 
 
@@ -104,6 +104,7 @@ class SalmonnTraining:
         model.requires_grad_(False)
         params: dict[str, nn.Parameter] = {}
         if self.lora:
+            set_lora_dtype(model.llm, torch.float32)  # float32 master weights, as peft trains them
             params = {f"llm.{n}": p for n, p in model.llm.named_parameters() if original_lora_key(n)}
             if not params:
                 raise UsageError("the model has no LoRA weights to train")
@@ -131,6 +132,7 @@ class SalmonnTraining:
         """The connector goes back to the encoders' dtype (SalmonnModel feeds the encoders in the connector's)."""
         self.model.requires_grad_(False)
         self.model.connector.to(self._connector_dtype)
+        decoding_lora_dtype(self.model.llm)
         enable_checkpointing(self.model.llm, False)
         self.model.eval()
 

@@ -17,7 +17,7 @@ from ..audio import load_audio
 from ..errors import UsageError
 from ..finetune.data import FewShotExample
 from ..finetune.target import enable_checkpointing, padded_causal_loss
-from ..llm import input_embeddings, lora_tensors, scaled_lora
+from ..llm import decoding_lora_dtype, input_embeddings, lora_tensors, scaled_lora, set_lora_dtype
 
 CACHE_BYTES = 2 * 1024**3  # encoder states kept in host memory (a 30 s window of WavLM-Large, 25 layers: 150 MB)
 
@@ -42,6 +42,7 @@ class ComposedTraining:
         if "layer_weights" in self.parts:
             params["connector.layer_weights.weights"] = model.connector.layer_weights.weights
         if "lora" in self.parts:
+            set_lora_dtype(model.llm, torch.float32)  # float32 master weights, as peft trains them
             lora = set(lora_tensors(model.llm))
             params.update({f"llm.{k}": p for k, p in model.llm.named_parameters() if k in lora})
         for p in params.values():
@@ -69,6 +70,7 @@ class ComposedTraining:
         self.model.requires_grad_(False)
         if "lora" in self.parts:
             enable_checkpointing(self.model.llm, False)
+            decoding_lora_dtype(self.model.llm)
         self.model.eval()
 
     def _states(self, example: FewShotExample) -> torch.Tensor:
