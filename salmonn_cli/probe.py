@@ -121,23 +121,29 @@ class ProbedInputs:
 
     good: list[InputItem]
     bad: dict[Path, AudioError] = field(default_factory=dict)
+    seconds: dict[Path, float | None] = field(default_factory=dict)  # each good input's length, where its header says
+
+    def longer_than(self, seconds: float) -> bool:
+        """Whether any good input is known to be longer than `seconds`."""
+        return any(length is not None and length > seconds for length in self.seconds.values())
 
 
 @contextlib.contextmanager
 def probe_inputs(items: list[InputItem]) -> Iterator[ProbedInputs]:
     """Probe every input; the copies of pipes live until the block ends."""
     with tempfile.TemporaryDirectory(prefix="salmonn-pipes-") as copies:
-        good, bad = [], {}
+        good, bad, seconds = [], {}, {}
         for number, item in enumerate(items):
             try:
                 if _pipe(item.path):
                     item = replace(item, read_from=_copied(item.path, Path(copies) / f"{number}{item.path.suffix}"))
-                probe_audio(item.audio_path)
+                header = probe_audio(item.audio_path)
             except AudioError as exc:  # said of the name the user gave, not of a pipe's copy
                 bad[item.path] = AudioError(str(exc).replace(str(item.audio_path), str(item.path)))
             else:
                 good.append(item)
-        yield ProbedInputs(good, bad)
+                seconds[item.path] = header.frames / header.sample_rate if header.frames else None
+        yield ProbedInputs(good, bad, seconds)
 
 
 def _pipe(path: Path) -> bool:

@@ -111,7 +111,7 @@ def test_task_instructions(tiny, clips, args, instruction, monkeypatch):
     from salmonn_cli.cli import app, tasks
 
     given = []
-    monkeypatch.setattr(tasks, "open_model", lambda choice: "the model")
+    monkeypatch.setattr(tasks, "open_model", lambda choice, **how: "the model")
     monkeypatch.setattr(tasks, "run_task", lambda loaded, task, items, *rest, **kw: given.append(task.instruction) or 0)
     assert app.main([*args, str(clips["chirp"]), *model_args(tiny), "-f", "json"]) == 0
     assert given == [instruction]
@@ -283,3 +283,23 @@ def test_a_stop_during_a_deferred_step_takes_effect_right_after_it(sig, word):
     finally:
         signal.signal(signal.SIGTERM, previous)
         stop._terminated.clear()
+
+
+def test_compile_on_answers_as_the_api_and_says_its_start_cost_once(tiny, clips, tmp_path):
+    """`--compile on` on a CPU (where `auto` does not compile): the float32 answer is the eager one (the API's),
+    the first run on a machine says what compiling cost, a later run finds the step compiled and says nothing; a bad
+    value is refused before the model loads."""
+    import os
+
+    env = {**os.environ, "SALMONN_COMPILE_CACHE": str(tmp_path / "compiled")}
+    ask = ["ask", str(clips["chirp"]), "What is it?", *model_args(tiny), "--compile"]
+    first, again = (salmonn(*ask, "on", "-f", "json", env=env) for _ in range(2))
+    for run in (first, again):
+        assert run.returncode == 0, run.stderr
+        assert json_lines(run.stdout)[0]["text"] == api_answer(tiny, clips["chirp"], "What is it?")
+    said = [line for line in first.stderr.splitlines() if line.startswith("compiled the decode step in ")]
+    assert len(said) == 1 and str(tmp_path / "compiled") in said[0], first.stderr
+    assert len(list((tmp_path / "compiled" / "steps").glob("*.json"))) == 1  # one row, one step shape
+    assert [line for line in again.stderr.splitlines() if not line.startswith("Loaded ")] == []
+    bad = salmonn(*ask, "maybe", env=env)
+    assert bad.returncode == 2 and bad.stderr.strip() == "salmonn: error: --compile must be one of auto, on, off; got 'maybe'"

@@ -84,8 +84,11 @@ def _workers_alive() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app and turn our errors into one line and an exit code."""
+    from .runner import show_notices
+
     debug = os.environ.get("SALMONN_DEBUG") == "1"
     sigterm_as_interrupt()
+    show_notices()
     try:
         # outside standalone mode the parser returns a command's typer.Exit code instead of raising it
         code = app(args=argv, prog_name="salmonn", standalone_mode=False)

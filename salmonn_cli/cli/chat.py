@@ -38,7 +38,7 @@ def chat(file: FileArg, options: dict) -> None:
     """Talk about an audio file, one question after another."""
     from ..generate import seeded_generator
 
-    loaded = open_model(model_choice(options))
+    loaded = open_model(model_choice(options), long_lived=True)  # a conversation
     tokens = _encode(loaded, file)
     decode = decode_choice(options)
     interactive = sys.stdin.isatty()

@@ -15,6 +15,7 @@ from .options import (
     BeamsOpt,
     BeatsOpt,
     CheckpointOpt,
+    CompileOpt,
     DecodeChoice,
     DeviceOpt,
     DtypeOpt,
@@ -55,6 +56,7 @@ MODEL_OPTIONS: dict[str, tuple[object, object]] = {
     "device": (DeviceOpt, _MODEL.device),
     "dtype": (DtypeOpt, _MODEL.dtype),
     "offline": (OfflineOpt, _MODEL.offline),
+    "compile": (CompileOpt, _MODEL.compile),
 }
 _DECODE = DecodeOptions()
 NO_SAMPLING = 0.0  # --temperature 0: the original's deterministic decoding
@@ -109,7 +111,8 @@ def with_options(*groups: dict[str, tuple[object, object]]) -> Callable[[Callabl
 
 
 def model_choice(options: dict) -> ModelChoice:
-    return ModelChoice(**{f.name: options[f.name] for f in fields(ModelChoice)})
+    """The model options a command took (one that takes fewer, as finetune, gets the defaults of the rest)."""
+    return ModelChoice(**{f.name: options[f.name] for f in fields(ModelChoice) if f.name in options})
 
 
 def sampling_fields(temperature: float) -> dict[str, object]:

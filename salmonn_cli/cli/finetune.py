@@ -27,7 +27,7 @@ TrainQuantBackendOpt = Annotated[
     str, typer.Option(help="auto (bitsandbytes, also on CPU), bitsandbytes or quanto.", rich_help_panel="Model")
 ]
 QUANT_HELP = "LLM base weights: 4bit (NF4, QLoRA), 8bit or none."
-TRAIN_MODEL_OPTIONS = {k: v for k, v in MODEL_OPTIONS.items() if k != "quant"}
+TRAIN_MODEL_OPTIONS = {k: v for k, v in MODEL_OPTIONS.items() if k not in ("quant", "compile")}  # no decoding
 TRAIN_MODEL_OPTIONS["quant_backend"] = (TrainQuantBackendOpt, _CONFIG.quant_backend)
 
 finetune_app = typer.Typer(
@@ -204,7 +204,7 @@ def make_data(
         raise AudioError(f"audio file not found: {', '.join(missing)}")
     decode = decode_choice(options)
     inputs = plan_inputs(files, n, sampling=decode.options.do_sample)
-    loaded = open_model(model_choice(options))
+    loaded = open_model(model_choice(options), long_lived=len(inputs) > 1)
     scale = decode.scale_for(WAKE_UP_LORA_SCALE)
 
     def show(i: int, example, path: Path) -> None:

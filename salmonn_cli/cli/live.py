@@ -263,7 +263,7 @@ def _run(request: LiveRequest, options: dict):
         window = CAPTION_WINDOW_S
     segmenter = WindowSegmenter(window) if window is not None else UtteranceSegmenter()
     source, described = _open_source(request)
-    loaded = open_model(model_choice(options))
+    loaded = open_model(model_choice(options), long_lived=True)
     answer = _answerer(loaded, request.task, decode_choice(options))
     outputs = _Outputs(request.fmt, request.task, request.save, request.save_audio)
     try:

@@ -60,6 +60,15 @@ DtypeOpt = Annotated[
         rich_help_panel=MODEL_PANEL,
     ),
 ]
+CompileOpt = Annotated[
+    str,
+    typer.Option(
+        "--compile",
+        help="Compile the decode step (torch.compile): auto (on a GPU, for servers, live, many files and long audio,"
+        " and for one clip when this machine compiled it before), on or off.",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
 OfflineOpt = Annotated[
     bool,
     typer.Option(
@@ -186,6 +195,7 @@ class ModelChoice:
     device: str = "auto"
     dtype: str = "auto"
     offline: bool = False
+    compile: str = "auto"  # the decode step: step_compile.COMPILE_MODES
 
 
 @dataclass(frozen=True)

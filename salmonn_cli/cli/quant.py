@@ -60,15 +60,17 @@ def memory_budget(device) -> MemoryBudget:
     return MemoryBudget(available_host_bytes(), "available host memory")
 
 
-def pick_quantization(quant: str, backend: str, model_spec: ModelSpec, device, dtype: str = "auto") -> QuantChoice:
-    """Resolve `auto` from the memory there is and the model's size; validate the rest; refuse what cannot fit."""
+def pick_quantization(quant: str, backend: str, model_spec: ModelSpec, device, dtype: str = "auto", *,
+                      compiled: bool = False) -> QuantChoice:  # fmt: skip
+    """Resolve `auto` from the memory there is and the model's size; validate the rest; refuse what cannot fit.
+    `compiled`: the decode step will be compiled, which decides the 8-bit library on CUDA (QuantSpec.backend_for)."""
     from quantize import MODES, QuantizationError, QuantSpec
     from quantize.memory import choose_placement, placements
 
     if quant != "auto" and quant not in MODES:
         raise UsageError(f"--quant must be auto, {', '.join(MODES)}; got {quant!r}")
     try:
-        candidates = placements(device.type, dtype, backend)
+        candidates = placements(device.type, dtype, backend, compiled=compiled)
     except QuantizationError as exc:
         raise UsageError(str(exc)) from None
     sizes = model_spec.sizes
@@ -81,7 +83,8 @@ def pick_quantization(quant: str, backend: str, model_spec: ModelSpec, device, d
         placement = next(p for p in candidates if p.mode == quant)
         _refuse_if_it_cannot_fit(model_spec, placement, candidates, budget)
     try:
-        chosen = QuantSpec.parse(placement.mode, backend=backend)
+        # the library resolved here (with what is known of compiling) is the one loading uses
+        chosen = QuantSpec.parse(placement.mode, backend=placement.backend if placement.mode != "none" else backend)
     except QuantizationError as exc:
         raise UsageError(str(exc)) from None
     return QuantChoice(chosen, chosen.backend_for(device.type), placement)

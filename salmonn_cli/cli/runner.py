@@ -3,6 +3,7 @@ print each result as it finishes, report each failure and go on; the exit code s
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -50,6 +51,27 @@ def warn(message: str) -> None:
     stderr.print(f"[yellow]salmonn: warning:[/] {message}")
 
 
+class NoticeLines(logging.Handler):
+    """The library's notices (salmonn_cli.notices) as our own lines: warnings as `warn`, the rest dimmed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            warn(message)
+        else:
+            stderr.print(f"[dim]{message}[/]")
+
+
+def show_notices() -> None:
+    """Route the `salmonn` logger's records to stderr as our lines, once per process."""
+    from ..notices import logger
+
+    if not any(isinstance(h, NoticeLines) for h in logger.handlers):
+        logger.addHandler(NoticeLines())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # a server's root handlers must not print them a second time
+
+
 def model_spec_of(choice: ModelChoice):
     """The model file's `ModelSpec` with the user's local components."""
     from ..model_file import load_model_spec, with_local_components
@@ -77,23 +99,43 @@ def resolve_model(choice: ModelChoice):
     return spec, resolve_components(spec, offline=choice.offline)  # hub.is_offline decides, with the env
 
 
-def open_model(choice: ModelChoice) -> LoadedModel:
+def open_model(choice: ModelChoice, *, long_lived: bool = False) -> LoadedModel:
     """Check the mode fits, resolve the model's components (downloading what is missing unless offline) and load
-    it, with progress."""
+    it, with progress. `long_lived`: the run decodes much (a server, live, many files, long audio), which `--compile
+    auto` weighs against the start cost of compiling the decode step."""
+    from ..train.composed_file import is_composed_model_file
+
+    loaded = open_composed(choice) if is_composed_model_file(choice.model) else _open_published(choice, long_lived)
+    _plan_compiling(loaded.model, choice.compile, long_lived)
+    return loaded
+
+
+def _plan_compiling(model, mode: str, long_lived: bool) -> None:
+    """Tell the model's decode engine which step shapes to compile (a causal LLM's; T5's steps are not compiled)."""
+    from torch import nn
+
+    from ..engine import plan_compile
+    from ..step_compile import compile_plan
+
+    engine = model.decode_engine()
+    if isinstance(engine, nn.Module):
+        plan_compile(engine, compile_plan(mode, long_lived=long_lived, device_type=model.device.type))
+
+
+def _open_published(choice: ModelChoice, long_lived: bool) -> LoadedModel:
     from ..hub import resolve_components
     from ..loading import load_model, resolve_device
-    from ..train.composed_file import is_composed_model_file
+    from ..step_compile import ALWAYS, compile_plan
     from .quant import pick_quantization
-
-    if is_composed_model_file(choice.model):
-        return open_composed(choice)
 
     model_spec = model_spec_of(choice)
     device = resolve_device(choice.device)
+    plan = compile_plan(choice.compile, long_lived=long_lived, device_type=device.type)  # before anything loads
     if device.type == "cpu" and choice.device == "auto":
         warn("no CUDA GPU found: running on the CPU, which is slow")
     # before any download: a mode that cannot fit is refused without fetching 20 GB for it
-    quant = pick_quantization(choice.quant, choice.quant_backend, model_spec, device, choice.dtype)
+    quant = pick_quantization(choice.quant, choice.quant_backend, model_spec, device, choice.dtype,
+                              compiled=plan.when == ALWAYS)  # fmt: skip
     paths = resolve_components(model_spec, offline=choice.offline)  # hub.is_offline decides, with the env
     from transformers.utils import logging as transformers_logging
 
@@ -124,6 +166,7 @@ def open_composed(choice: ModelChoice) -> LoadedModel:
 
     from ..hub import resolve_component
     from ..loading import llm_quantization, resolve_device
+    from ..step_compile import compile_plan
     from ..train.composed_file import load_composed, read_composed_file
 
     if any(p is not None for p in (choice.whisper, choice.beats, choice.llm, choice.checkpoint)):
@@ -131,6 +174,7 @@ def open_composed(choice: ModelChoice) -> LoadedModel:
                          " model's are named in its model.toml")  # fmt: skip
     spec = read_composed_file(choice.model)
     device = resolve_device(choice.device)
+    compile_plan(choice.compile, long_lived=False, device_type=device.type)  # a wrong value, before anything loads
     if device.type == "cpu" and choice.device == "auto":
         warn("no CUDA GPU found: running on the CPU, which is slow")
     dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32}.get(choice.dtype)

@@ -131,7 +131,7 @@ def serve(
         warn(f"listening on {host} without --api-key: anyone who can reach this machine can use the model")
     sock = bind(host, port)
     try:
-        loaded = open_model(model_choice(options))
+        loaded = open_model(model_choice(options), long_lived=True)
         config = ServeConfig(
             served_name=loaded.name,
             aliases=tuple(a for a in aliases if a != loaded.name),

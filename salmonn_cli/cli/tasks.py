@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..window import WINDOW_SECONDS
 from ..errors import UsageError
 from ..longform import LongformSettings
 from ..model_file import WAKE_UP_LORA_SCALE
@@ -114,7 +115,8 @@ def _run_probed(task: Task, probed: ProbedInputs, options: dict, fmt: str, write
         with main_first(ranks):  # rank 0 downloads what is missing; then every rank finds it in the cache
             if ranks.main and ranks.distributed and not is_composed_model_file(choice.model):
                 resolve_model(choice)
-        loaded = open_model(choice)
+        # many inputs or long ones decode long enough to repay compiling the decode step (`--compile auto`)
+        loaded = open_model(choice, long_lived=len(pending) > 1 or probed.longer_than(WINDOW_SECONDS))
         # rank 0 counts the inputs refused and those found done, for the whole job's summary
         refused, found_done = (list(bad.values()), len(good) - len(pending)) if ranks.main else ([], 0)
         code = run_task(loaded, task, ranks.share(pending), decode_choice(options), plan, settings, failed=refused,
