@@ -244,8 +244,7 @@ def _build_bitsandbytes_llm(shape: LlamaShape, spec: QuantSpec, device: torch.de
         llm = LlamaForCausalLM(llama_config(shape))
     llm.to(dtype)  # on meta: only the recorded dtype changes
     for layer in llm.model.layers:
-        # on the host: bitsandbytes quantises a weight as it moves it to the GPU (Int8Params only then)
-        materialise(layer, torch.device("cpu"), dtype)
+        materialise(layer, bitsandbytes_draw_device(spec, device), dtype)
         to_bitsandbytes(layer, spec, device, dtype)
         layer.to(device)  # the norms
         release_freed_memory()
@@ -254,6 +253,16 @@ def _build_bitsandbytes_llm(shape: LlamaShape, spec: QuantSpec, device: torch.de
     llm = attach_lora(llm, _lora_spec(shape), _lora_tensors(shape), path=_RANDOM)
     reset_rotary(llm.base_model.model, next(llm.parameters()).device)
     return quantize_base_layers(llm, spec, device.type)  # bitsandbytes' CPU kernel steering only
+
+
+def bitsandbytes_draw_device(spec: QuantSpec, device: torch.device) -> torch.device:
+    """Where a bitsandbytes layer's random weights are drawn before it is quantised onto `device`.
+
+    NF4 (Params4bit) quantises a weight from any device, so 4-bit layers are drawn on `device` itself: a 13B shape's
+    12.7 G random numbers take seconds on a GPU and 60-100 s on the host (~120-150 M per second here). LLM.int8
+    (Int8Params) quantises only as it moves a host tensor to the GPU, so its layers are drawn on the host.
+    """
+    return device if spec.mode == "4bit" else torch.device("cpu")
 
 
 def llama_config(shape: LlamaShape):

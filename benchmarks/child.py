@@ -51,7 +51,9 @@ def run(request: dict, save: Callable[[dict], None] = lambda report: None) -> di
     `save` gets the report so far after the load and after each measurement: a run stopped at its time limit
     still leaves what it measured.
     """
+    from salmonn_cli.engine import plan_compile
     from salmonn_cli.loading import resolve_device
+    from salmonn_cli.step_compile import compile_plan
 
     device = resolve_device(request["device"])
     options = BenchOptions(**request["options"])
@@ -61,6 +63,7 @@ def run(request: dict, save: Callable[[dict], None] = lambda report: None) -> di
     start = time.perf_counter()
     model, name = make_model(request, device)
     load_s = time.perf_counter() - start
+    plan_compile(model.llm, compile_plan(options.compile, long_lived=True, device_type=device.type))
     _progress(request, f"loaded in {load_s:.1f} s")
     load_peak, load_gpu = peak_rss_bytes(), GpuPeak.read(device)
     size = module_bytes(model)

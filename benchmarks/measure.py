@@ -6,6 +6,7 @@ JSON and the table. Every timed value runs `warmup` untimed times, then `repeat`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import time
@@ -20,6 +21,7 @@ from salmonn_cli.decode_options import DecodeOptions
 from salmonn_cli.engine import engine_for
 from salmonn_cli.prompt import transcribe_instruction
 from salmonn_cli.segment import plan_segments, segment_audio
+from salmonn_cli.step_compile import ALWAYS, NEVER, CompilePlan
 
 from .results import LIVE_WINDOW_S, MEASUREMENT_NAMES, BenchOptions, Stat
 
@@ -150,33 +152,79 @@ def measure_first_token(bench: Bench) -> dict:
 def _decode(bench: Bench, num_beams: int) -> dict:
     """From audio tokens already computed: prompt pass, then `new_tokens - 1` decode steps (eos held off).
 
-    On CUDA the steps run as captured graphs (the default) and again eagerly, in the same process, so the two
-    are compared on one loaded model: `tokens_per_s` is the default's, `eager_tokens_per_s` the eager one's.
+    The steps run every way this device has, in the same process on one loaded model (`STEP_WAYS`): compiled
+    (and on CUDA recorded as a graph), recorded only (CUDA), and eager; `by_step` has each one's timings, and the
+    compile's start cost. The top-level figures are the way `--compile auto` decodes a long run here (compiled and
+    recorded on CUDA, eager on a CPU: step_compile.COMPILED_BY_AUTO).
     """
     model, n = bench.model, bench.options.new_tokens
     tokens = model.audio_tokens(synthetic_audio(WINDOW_SECONDS, seed=3))
     options = bench.exactly(n, num_beams)
-    firsts, totals, steps = _timed_steps(bench, lambda: model.answer(tokens, bench.prompt, options), n - 1)
+    engine = engine_for(model.llm)
+
+    def run() -> None:
+        model.answer(tokens, bench.prompt, options)
+
+    by_step = {}
+    ways = {way: how for way, how in step_ways(engine).items() if way in bench.options.step_ways}
+    for way, (plan, capture) in ways.items():
+        with step_way(engine, plan, capture):
+            paid = len(engine.compile_seconds)
+            if plan.when == ALWAYS:
+                run()  # compiles this shape, untimed, whatever --warmup says
+                if engine.compile_plan.when != ALWAYS:  # compiling failed: the engine said so on stderr
+                    by_step[way] = {"failed": "compiling the step failed (see the log)"}
+                    continue
+            firsts, totals, steps = _timed_steps(bench, run, n - 1)
+        by_step[way] = {"one_token_s": Stat.of(firsts), "all_tokens_s": Stat.of(totals), "step_s": Stat.of(steps),
+                        "tokens_per_s": 1 / statistics.median(steps)}  # fmt: skip
+        if plan.when == ALWAYS:
+            by_step[way]["compile_s"] = sum(engine.compile_seconds[paid:])
+    timed = [way for way in DEFAULT_WAYS[model.device.type == "cuda"] if "tokens_per_s" in by_step.get(way, {})]
+    timed += [way for way in by_step if "tokens_per_s" in by_step[way]]
+    if not timed:
+        return {"tokens": n, "num_beams": num_beams, "by_step": by_step}
+    default = timed[0]
+    chosen = by_step[default]
     result = {
         "tokens": n,
         "num_beams": num_beams,
-        "one_token_s": Stat.of(firsts),  # prompt pass: the first token
-        "all_tokens_s": Stat.of(totals),
-        "step_s": Stat.of(steps),  # one decode step: a token for each of the `num_beams` beams
-        "tokens_per_s": 1 / statistics.median(steps),
-        "cuda_graphs": engine_for(model.llm).capture,
-        **bandwidth_share(1 / statistics.median(steps), model.llm, str(model.device)),
+        "step_way": default,
+        **{key: chosen[key] for key in ("one_token_s", "all_tokens_s", "step_s", "tokens_per_s")},
+        "by_step": by_step,
+        **{f"{way}_tokens_per_s": timing["tokens_per_s"] for way, timing in by_step.items() if "tokens_per_s" in timing},
+        **bandwidth_share(chosen["tokens_per_s"], model.llm, str(model.device)),
     }
-    engine = engine_for(model.llm)
-    if engine.capture:
-        engine.capture = engine.masked_steps = False
-        try:
-            _, _, eager = _timed_steps(bench, lambda: model.answer(tokens, bench.prompt, options), n - 1)
-        finally:
-            engine.capture = engine.masked_steps = True
-        result["eager_step_s"] = Stat.of(eager)
-        result["eager_tokens_per_s"] = 1 / statistics.median(eager)
+    if "compile_s" in by_step.get("compiled", {}):
+        result["compile_s"] = by_step["compiled"]["compile_s"]
+        if "eager" in by_step:
+            result["compiled_over_eager"] = by_step["compiled"]["tokens_per_s"] / by_step["eager"]["tokens_per_s"]
     return result
+
+
+# the way a long run decodes under `--compile auto`, by whether the device is CUDA (the first that worked)
+DEFAULT_WAYS = {True: ("compiled", "graph", "eager"), False: ("eager",)}
+
+
+def step_ways(engine) -> dict[str, tuple[CompilePlan, bool]]:
+    """The ways this engine can run a step, as (compile plan, record as a CUDA graph): compiled (recorded too where
+    the engine records), recorded alone, eager."""
+    ways = {"compiled": (CompilePlan(ALWAYS), engine.capture)}
+    if engine.capture:
+        ways["graph"] = (CompilePlan(NEVER), True)
+    ways["eager"] = (CompilePlan(NEVER), False)
+    return ways
+
+
+@contextlib.contextmanager
+def step_way(engine, plan: CompilePlan, capture: bool):
+    """Run the engine's steps one way for the duration, then as before."""
+    saved = engine.compile_plan, engine.capture
+    engine.compile_plan, engine.capture = plan, capture
+    try:
+        yield
+    finally:
+        engine.compile_plan, engine.capture = saved
 
 
 BANDWIDTH_PROBE_BYTES = 512 << 20  # far past any cache: a reduction over it reads memory, not cache

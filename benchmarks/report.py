@@ -21,11 +21,12 @@ _SUMMARY: tuple[tuple[str, Any], ...] = (
     ("connector s", lambda r: _median(r, "stages", "connector_s", digits=3)),
     ("TTFT s", lambda r: _median(r, "first_token", "first_token_s")),
     ("greedy tok/s", lambda r: _num((r.get("decode") or {}).get("tokens_per_s"), 2)),
-    ("greedy eager tok/s", lambda r: _num((r.get("decode") or {}).get("eager_tokens_per_s"), 2)),
+    ("greedy compiled / graph / eager tok/s", lambda r: ways_cell(r.get("decode"))),
+    ("compile s", lambda r: _num((r.get("decode") or {}).get("compile_s"), 1)),
     ("read GB/s", lambda r: _num((r.get("decode") or {}).get("read_bandwidth_gb_s"), 1)),
     ("P9 (greedy, share of bandwidth)", lambda r: _num((r.get("decode") or {}).get("p9"), 2)),
     ("beam-4 steps/s", lambda r: _num((r.get("decode_beams") or {}).get("tokens_per_s"), 2)),
-    ("beam-4 eager steps/s", lambda r: _num((r.get("decode_beams") or {}).get("eager_tokens_per_s"), 2)),
+    ("beam-4 compiled / graph / eager steps/s", lambda r: ways_cell(r.get("decode_beams"))),
     ("ask s", lambda r: _median(r, "ask", "total_s")),
     ("long audio x", lambda r: _long_audio(r)),
     ("s per audio hour", lambda r: _per_hour(r)),
@@ -42,6 +43,24 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [jsonable(item) for item in value]
     return value
+
+
+STEP_WAYS = ("compiled", "graph", "eager")
+
+
+def ways_cell(decode: dict | None) -> str:
+    """`compiled / graph / eager` speeds of one decode measurement; `-` for a way this device has not (graphs off
+    CUDA), `failed` for one that failed."""
+    if not decode:
+        return ""
+    by_step = decode.get("by_step") or {}
+
+    def one(way: str) -> str:
+        if way not in by_step:
+            return "-"
+        return "failed" if "failed" in by_step[way] else f"{by_step[way]['tokens_per_s']:.1f}"
+
+    return " / ".join(one(way) for way in STEP_WAYS)
 
 
 def _mem(run: dict, key: str) -> Any:

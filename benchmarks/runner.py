@@ -30,9 +30,10 @@ from pathlib import Path
 from quantize.memory import available_host_bytes
 from quantize.spec import BACKENDS, MODES
 from salmonn_cli.model_file import ROLES
+from salmonn_cli.step_compile import COMPILE_MODES
 
 from .memory import GB
-from .report import jsonable, markdown, print_tables
+from .report import STEP_WAYS, jsonable, markdown, print_tables
 from .results import LIVE_WINDOW_S, MEASUREMENT_NAMES, BenchOptions, Stat
 from .shapes import SHAPES
 
@@ -176,7 +177,8 @@ def _config(config: BenchConfig) -> dict:
 
 
 def options_of(args: argparse.Namespace) -> BenchOptions:
-    return BenchOptions(**{f.name: getattr(args, f.name) for f in fields(BenchOptions)})
+    values = {f.name: getattr(args, f.name) for f in fields(BenchOptions)}
+    return BenchOptions(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})
 
 
 def time_cli_help(args: argparse.Namespace) -> Stat:
@@ -267,6 +269,12 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     ap.add_argument("--batch-size", type=int, default=4, help="segments per batch for the batched long-audio run")
     ap.add_argument("--live-seconds", type=float, default=20.0, help="audio fed to `live` at real-time pace")
     ap.add_argument("--skip", type=_csv(SKIPPABLE), default=[], help=f"leave out some of {', '.join(SKIPPABLE)}")
+    ap.add_argument("--compile", choices=COMPILE_MODES, default="auto",
+                    help="the decode step of every measurement but decode speed's (which times each way), as a"
+                         " long-lived `salmonn` run takes --compile")  # fmt: skip
+    ap.add_argument("--step-ways", type=_csv(STEP_WAYS), default=list(STEP_WAYS),
+                    help="the ways decode speed times a step, where the device has them: compiled (and recorded),"
+                         " graph (recorded), eager")  # fmt: skip
     ap.add_argument(
         "--peer",
         choices=("none", "qwen2-audio"),

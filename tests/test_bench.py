@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import gpu_report
 from benchmarks.report import markdown
@@ -55,6 +56,11 @@ def test_bench_tiny_writes_every_field(tmp_path):
         assert decode["tokens"] == 4 and decode["num_beams"] == beams and decode["tokens_per_s"] > 0
         for stat in ("one_token_s", "all_tokens_s", "step_s"):
             _positive_stat(decode[stat], 1)
+        # each way a CPU steps, in one run: compiled (with its start cost) and eager, which `auto` takes on a CPU
+        assert set(decode["by_step"]) == {"compiled", "eager"} and decode["step_way"] == "eager"
+        assert decode["tokens_per_s"] == decode["eager_tokens_per_s"] == decode["by_step"]["eager"]["tokens_per_s"]
+        assert decode["compile_s"] > 0 and decode["compiled_tokens_per_s"] > 0
+        assert decode["compiled_over_eager"] == decode["compiled_tokens_per_s"] / decode["eager_tokens_per_s"]
         # P9: steps/s x the LLM's weights but the token table (read once a step) / the bandwidth measured
         assert 0 < decode["bytes_per_step"] < memory["llm_bytes"] and decode["read_bandwidth_gb_s"] > 0.1
         expected = decode["tokens_per_s"] * decode["bytes_per_step"] / (decode["read_bandwidth_gb_s"] * 1e9)
@@ -85,7 +91,7 @@ def test_bench_tiny_writes_every_field(tmp_path):
     assert lines[2].startswith("| pytest -m gpu |  | did not finish (no report) |")
     assert lines[3].startswith("| tiny | none/none/cpu | ok |") and lines[3].count("|") == len(gpu_report.HEADERS) + 1
     assert lines[4].startswith("| qwen2-audio-7b (tiny shape) | qwen2-audio/none/none/cpu | SALMONN greedy ")
-    assert lines[5] == "| salmonn-13b |  | did not finish within its time limit (no report) |" + "  |" * 6
+    assert lines[5] == "| salmonn-13b |  | did not finish within its time limit (no report) |" + "  |" * 7
 
 
 def test_a_run_stopped_at_its_time_limit_keeps_what_it_measured(tmp_path):
@@ -121,6 +127,17 @@ def test_configurations_resolve_the_backend_per_device_once():
         BenchConfig("4bit", "bitsandbytes", "cuda"),
         BenchConfig("4bit", "quanto", "cuda"),
     ]
+
+
+def test_nf4_weights_are_drawn_on_the_gpu_and_int8_weights_on_the_host():
+    """A 13B shape drawn on the host takes 60-100 s, more than gpu_check.sh gives a 13B run; NF4 quantises from the
+    GPU, so only LLM.int8 (which quantises on the move to the GPU) still draws on the host."""
+    from benchmarks.build import bitsandbytes_draw_device
+    from quantize import QuantSpec
+
+    gpu = torch.device("cuda", 0)
+    assert bitsandbytes_draw_device(QuantSpec("4bit", "bitsandbytes"), gpu) == gpu
+    assert bitsandbytes_draw_device(QuantSpec("8bit", "bitsandbytes"), gpu) == torch.device("cpu")
 
 
 def test_published_shapes_have_the_published_sizes():
