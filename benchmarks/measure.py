@@ -192,7 +192,7 @@ def _decode(bench: Bench, num_beams: int) -> dict:
         "step_way": default,
         **{key: chosen[key] for key in ("one_token_s", "all_tokens_s", "step_s", "tokens_per_s")},
         "by_step": by_step,
-        **{f"{way}_tokens_per_s": timing["tokens_per_s"] for way, timing in by_step.items() if "tokens_per_s" in timing},
+        **{f"{way}_tokens_per_s": t["tokens_per_s"] for way, t in by_step.items() if "tokens_per_s" in t},
         **bandwidth_share(chosen["tokens_per_s"], model.llm, str(model.device)),
     }
     if "compile_s" in by_step.get("compiled", {}):

@@ -36,4 +36,4 @@ class BenchOptions:
     live_seconds: float = 20.0  # audio fed to the live pipeline at real-time pace (so this many wall seconds)
     batch_size: int = 4
     compile: str = "auto"  # the decode step's `--compile`, as a long-lived run takes it (decode speed times each way)
-    step_ways: tuple[str, ...] = ("compiled", "graph", "eager")  # the ways decode speed times, where the device has them
+    step_ways: tuple[str, ...] = ("compiled", "graph", "eager")  # what decode speed times, where the device has it

@@ -36,12 +36,13 @@ import torch
 from .kv_cache import EXACT, MASKED, PROMPT, Layout, StaticKV, additive_mask
 from .llm import adapter_state, lora_scale_tensor
 from .notices import inform, warn
-from .step_compile import ALWAYS, CACHED, NEVER, RECOMPILE_LIMIT, CompilePlan, StepShape
+from .step_compile import ALWAYS, NEVER, RECOMPILE_LIMIT, CompilePlan, StepShape
 from .step_recording import CudaGraphRecorder, RecordedStep, Recorder
 
 CAPACITY_STEP = 64  # cache lengths are rounded up to this, so prompts of similar length share one cache and graph
 KEPT_ROW_COUNTS = 2  # on CUDA: a batch of 16 x 4 beams of 13B holds ~10 GB of cache, so not every one is kept
 GRAPHS_ENV = "SALMONN_CUDA_GRAPHS"  # "0" turns graph capture off (eager CUDA steps), e.g. to compare the two
+NO_COMPILING = CompilePlan()
 
 
 class DecodeEngine(Protocol):
@@ -90,7 +91,7 @@ class LlamaEngine:
         *,
         capture: bool | None = None,
         masked_steps: bool = False,
-        compile: CompilePlan = CompilePlan(),
+        compile: CompilePlan = NO_COMPILING,
         recorder: Recorder | None = None,
     ) -> None:
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # peft keeps the HF modules in place
@@ -194,7 +195,7 @@ class LlamaEngine:
         if reason is not None:
             if self.compile_plan.asked:
                 warn(f"the decode step is not compiled: {reason}")
-            self.compile_plan = CompilePlan(NEVER)
+            self.compile_plan = NO_COMPILING
             return False
         self._markers = use_compile_cache()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
@@ -241,10 +242,12 @@ class LlamaEngine:
              f"which is slower (SALMONN_CUDA_GRAPHS=0 skips the attempt)")  # fmt: skip
 
     def _stop_compiling(self, error: RuntimeError) -> None:
-        self.compile_plan, self._compiled = CompilePlan(NEVER), None
+        self.compile_plan, self._compiled = NO_COMPILING, None
         self._compiled_shapes.clear()
-        warn(f"compiling the decode step failed ({_first_line(error)}): decoding goes on uncompiled, which is slower"
-             " (--compile off skips the attempt)")
+        warn(
+            f"compiling the decode step failed ({_first_line(error)}): decoding goes on uncompiled, which is slower"
+            " (--compile off skips the attempt)"
+        )
 
     def _capture_allowed(self, asked: bool | None) -> bool:
         from quantize import unrecordable_reason

@@ -101,6 +101,7 @@ def mark_compiled(markers: Path, shape: StepShape, seconds: float) -> None:
 
     try:
         markers.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(markers / f"{shape.key}.json", json.dumps({**shape.__dict__, "seconds": round(seconds, 2)}))
+        record = {**shape.__dict__, "seconds": round(seconds, 2)}
+        write_text_atomically(markers / f"{shape.key}.json", json.dumps(record))
     except OSError:
         pass

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # compiled decode steps go to one folder of this machine's temporary files, shared by the test processes (xdist
 # workers, the CLI's subprocesses): never into the user's own cache, and compiled once per shape per machine
-os.environ.setdefault("SALMONN_COMPILE_CACHE", str(Path(tempfile.gettempdir()) / f"salmonn-tests-compile-{os.getuid()}"))
+COMPILED = Path(tempfile.gettempdir()) / f"salmonn-tests-compile-{os.getuid()}"
+os.environ.setdefault("SALMONN_COMPILE_CACHE", str(COMPILED))
 
 
 def make_tiny(out: Path, *args: str) -> Path:

@@ -74,8 +74,8 @@ def no_host_sync(allowed_in: tuple[str, ...] = ()) -> Iterator[None]:
 
 # ops that launch no kernel: views, metadata, and the allocation of an output a kernel then writes
 _FREE = {"detach", "view", "_unsafe_view", "alias", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze",
-         "slice", "select", "as_strided", "reshape", "empty", "empty_like", "empty_strided", "split", "unbind", "lift_fresh",
-         "_reshape_alias", "unflatten", "flatten", "contiguous"}  # fmt: skip
+         "slice", "select", "as_strided", "reshape", "empty", "empty_like", "empty_strided", "split", "unbind",
+         "lift_fresh", "_reshape_alias", "unflatten", "flatten", "contiguous"}  # fmt: skip
 
 
 class KernelCounter(TorchDispatchMode):

@@ -302,4 +302,5 @@ def test_compile_on_answers_as_the_api_and_says_its_start_cost_once(tiny, clips,
     assert len(list((tmp_path / "compiled" / "steps").glob("*.json"))) == 1  # one row, one step shape
     assert [line for line in again.stderr.splitlines() if not line.startswith("Loaded ")] == []
     bad = salmonn(*ask, "maybe", env=env)
-    assert bad.returncode == 2 and bad.stderr.strip() == "salmonn: error: --compile must be one of auto, on, off; got 'maybe'"
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "salmonn: error: --compile must be one of auto, on, off; got 'maybe'"

@@ -82,8 +82,12 @@ def test_reference_ids_on_cuda_in_float32_through_the_compiled_captured_step(jso
     engine = LlamaEngine(lm, compile=CompilePlan(ALWAYS))
     embeds = torch.from_numpy(case.arrays["inputs_embeds"]).to(CUDA)
     generation = case.meta["generation"]
-    for how, scale, key in (("greedy", None, "greedy_ids"), ("beam", None, "beam_ids"),
-                            ("greedy", 2.0, "greedy_ids_lora_scale_2p0"), ("greedy", 0.0, "greedy_ids_lora_scale_0p0")):
+    for how, scale, key in (
+        ("greedy", None, "greedy_ids"),
+        ("beam", None, "beam_ids"),
+        ("greedy", 2.0, "greedy_ids_lora_scale_2p0"),
+        ("greedy", 0.0, "greedy_ids_lora_scale_0p0"),
+    ):
         with scaled_lora(lm, scale):
             out = decode(engine, embeds, DecodeOptions(**generation[how]))
         assert list(out.token_ids) == case.arrays[key][1:].tolist(), (how, scale)

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..window import WINDOW_SECONDS
 from ..errors import UsageError
 from ..longform import LongformSettings
 from ..model_file import WAKE_UP_LORA_SCALE
 from ..train.composed_file import is_composed_model_file
+from ..window import WINDOW_SECONDS
 from .batch import RESULTS_FILE
 from .commands import (
     DECODE_OPTIONS,
