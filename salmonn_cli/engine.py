@@ -164,7 +164,7 @@ class LlamaEngine:
         if not self.capture:
             return step(tokens, cache) if compiled or self.masked_steps else None
         recorded = self._recorded.get(cache.rows)
-        if recorded is None or recorded.cache is not cache:
+        if recorded is None or recorded.cache is not cache or recorded.step != step:  # its cache, its step function
             recorded = self._recorded[cache.rows] = RecordedStep(cache, step, self._recorder or CudaGraphRecorder())
         try:
             return recorded.run(tokens)
@@ -267,10 +267,9 @@ class LlamaEngine:
         """Before each call: scalings peft replaced go back into the scale vector every step reads (lora_scale_tensor),
         and a changed adapter state (disabled, merged, another adapter active) drops the steps recorded under the old
         one (a compiled step's own guards recompile it)."""
-        lora_scale_tensor(self.base)
-        state = adapter_state(self.base)
-        if state != self._adapter_state:
-            self._adapter_state = state
+        scales, state = lora_scale_tensor(self.base), adapter_state(self.base)
+        if state != self._adapter_state or scales is not self._scales:  # (a new vector: the model moved devices)
+            self._scales, self._adapter_state = scales, state
             self._recorded.clear()
 
     # -- the model's arithmetic ---------------------------------------------------------------------------------

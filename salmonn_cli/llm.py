@@ -184,12 +184,13 @@ def lora_scale_tensor(model: "nn.Module") -> "torch.Tensor | None":
     if not layers:
         return None
     device = layers[0].lora_A[ADAPTER].weight.device
-    vector = _bound_scale_vector(layers, device)
-    if vector is None:
+    vector = layers[0].__dict__.get(_SCALE_VECTOR)  # kept on the first layer: found even when peft replaced every view
+    if vector is None or vector.numel() != len(layers) or vector.device != device:
         with torch.inference_mode(False):  # a normal tensor: training multiplies by it and saves it for backward
             vector = torch.tensor([float(layer.scaling[ADAPTER]) for layer in layers], dtype=torch.float32,
                                   device=device)  # fmt: skip
             _install_views(layers, vector, range(len(layers)))
+        layers[0].__dict__[_SCALE_VECTOR] = vector
         return vector
     stray = [i for i, layer in enumerate(layers) if not _is_view_of(layer.scaling[ADAPTER], vector, i)]
     if stray:
@@ -200,16 +201,7 @@ def lora_scale_tensor(model: "nn.Module") -> "torch.Tensor | None":
     return vector
 
 
-def _bound_scale_vector(layers: list, device) -> "torch.Tensor | None":
-    """The scale vector the layers' views belong to (the first view found tells), if it is whole and on `device`."""
-    import torch
-
-    for layer in layers:
-        scaling = layer.scaling[ADAPTER]
-        base = getattr(scaling, "_base", None) if isinstance(scaling, torch.Tensor) else None
-        if base is not None and base.dim() == 1 and base.numel() == len(layers) and base.device == device:
-            return base
-    return None
+_SCALE_VECTOR = "_salmonn_lora_scales"
 
 
 def _is_view_of(scaling, vector: "torch.Tensor", index: int) -> bool:

@@ -57,12 +57,12 @@ class RecordedStep:
     def __init__(self, cache, step: Callable[[torch.Tensor, object], torch.Tensor], recorder: Recorder) -> None:
         self.cache = cache
         self.tokens = torch.zeros(cache.rows, dtype=torch.long, device=cache.kv.device)
-        self._step, self._recorder = step, recorder
+        self.step, self._recorder = step, recorder  # what is recorded: the compiled step or the plain one
         self._replay: Step | None = None
 
     def run(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
         if self._replay is None:
-            first, self._replay = self._recorder.record(lambda: self._step(self.tokens, self.cache))
+            first, self._replay = self._recorder.record(lambda: self.step(self.tokens, self.cache))
             return first
         return self._replay()

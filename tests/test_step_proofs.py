@@ -150,6 +150,13 @@ def test_peft_replacing_or_multiplying_a_scaling_is_followed_and_never_compounds
     assert lora_scale_tensor(lm).tolist() == [1.0] + [2.0] * (len(layers) - 1)
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b)
+    vector = lora_scale_tensor(lm)
+    for layer in layers:  # every view replaced by a float: the same vector takes their values
+        layer.set_scale("default", 0.5)
+    got, expected = _run(recorded, embeds, FED), _run(eager, embeds, FED)
+    assert lora_scale_tensor(lm) is vector and vector.tolist() == [2.0] * len(layers)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_a_changed_adapter_state_records_again(lm):
