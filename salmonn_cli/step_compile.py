@@ -68,9 +68,17 @@ def compile_cache_dir() -> Path:
 
 def use_compile_cache() -> Path:
     """Point inductor's persistent cache at `compile_cache_dir()` (unless the user pointed it elsewhere) before
-    anything compiles; returns the folder of this project's step markers."""
+    anything compiles; returns the folder of this project's step markers.
+
+    Importing transformers already writes torch's default (/tmp/torchinductor_USER) into the variable, so that
+    value counts as unset; inductor reads the variable at each use.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     root = compile_cache_dir()
-    os.environ.setdefault(INDUCTOR_CACHE_ENV, str(root / "inductor"))
+    current = os.environ.get(INDUCTOR_CACHE_ENV)
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ[INDUCTOR_CACHE_ENV] = str(root / "inductor")
     return root / "steps"
 
 

@@ -300,6 +300,7 @@ def test_compile_on_answers_as_the_api_and_says_its_start_cost_once(tiny, clips,
     said = [line for line in first.stderr.splitlines() if line.startswith("compiled the decode step in ")]
     assert len(said) == 1 and str(tmp_path / "compiled") in said[0], first.stderr
     assert len(list((tmp_path / "compiled" / "steps").glob("*.json"))) == 1  # one row, one step shape
+    assert any((tmp_path / "compiled" / "inductor").iterdir())  # inductor's compiled code, kept there too
     assert [line for line in again.stderr.splitlines() if not line.startswith("Loaded ")] == []
     bad = salmonn(*ask, "maybe", env=env)
     assert bad.returncode == 2
