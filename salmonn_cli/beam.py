@@ -63,7 +63,8 @@ class BeamStep:
 
     @classmethod
     def of(cls, scores: list[float], tokens: list[int], rows: list[int], dtype, device) -> "BeamStep":
-        packed = torch.tensor([scores, tokens, rows], dtype=torch.float64).to(device)  # exact, as above
+        # one host-to-device copy; float64 holds the scores (float32 or half) and every id and row exactly
+        packed = torch.tensor([scores, tokens, rows], dtype=torch.float64).to(device)
         return cls(packed[0].to(dtype), packed[1].long(), packed[2].long(), rows, scores)
 
 

@@ -110,6 +110,7 @@ class LlamaEngine:
         self.compile_seconds: list[float] = []  # each compile's start cost, in the order paid (the benchmark's)
         self._compiled: Any = None  # the compiled masked step, made on first need
         self._markers: Any = None  # the folder of step_compile's markers, once compiling is on
+        self._identity: str | None = None  # what a compiled step depends on in the model (_model_identity)
         self._compiled_shapes: dict[tuple[int, int], bool] = {}  # (rows, capacity) -> compiled or not
         # caches (and recorded steps) kept: two row counts when recording (greedy and beams, say), one elsewhere
         self._keep = KEPT_ROW_COUNTS if self.capture else 1
@@ -232,8 +233,9 @@ class LlamaEngine:
         return was_compiled(use_compile_cache(), self._step_shape(cache))
 
     def _step_shape(self, cache: StaticKV) -> StepShape:
-        return StepShape(_model_identity(self.base), cache.rows, cache.capacity, _device_name(self.device),
-                         _versions())  # fmt: skip
+        if self._identity is None:  # read once: the config's JSON and every module's type
+            self._identity = _model_identity(self.base)
+        return StepShape(self._identity, cache.rows, cache.capacity, _device_name(self.device), _versions())
 
     def _stop_recording(self, error: RuntimeError) -> None:
         self.capture = False

@@ -236,14 +236,7 @@ def adapter_state(model: "nn.Module") -> tuple:
 
 
 def set_lora_dtype(model: "nn.Module", dtype: "torch.dtype") -> None:
-    """Keep the LoRA matrices of `model` in `dtype`.
-
-    Decoding keeps them in the LLM's own (half) precision: peft upcasts them to float32 (`autocast_adapter_dtype`),
-    which costs a cast of the input and one of the output on every adapted layer of every step, for a first-logits
-    difference lost in half precision's own (on every reference case: float16 0.0060-0.0100 from float32's logits
-    with float32 LoRA or with float16 LoRA alike; bfloat16 0.064-0.10 either way; the same argmax). Training gives
-    them float32 master weights, as peft does, for the duration (`finetune`, `train`).
-    """
+    """Keep the LoRA matrices of `model` in `dtype` (training: float32 master weights, as peft keeps them)."""
     for layer in lora_layers(model):
         for adapters in (layer.lora_A, layer.lora_B):
             if ADAPTER in adapters:
@@ -251,7 +244,13 @@ def set_lora_dtype(model: "nn.Module", dtype: "torch.dtype") -> None:
 
 
 def decoding_lora_dtype(model: "nn.Module") -> None:
-    """The LoRA matrices of `model` in the dtype its activations run in (the token table's), for decoding."""
+    """The LoRA matrices of `model` in the dtype its activations run in (the token table's), for decoding.
+
+    peft upcasts them to float32 (`autocast_adapter_dtype`), which costs a cast of the input and one of the output on
+    every adapted layer of every step, for a first-logits difference lost in half precision's own: on every reference
+    case float16 is 0.0060-0.0100 from float32's logits with float32 LoRA or with float16 LoRA alike, bfloat16
+    0.064-0.10 either way, with the same argmax. Training gives them float32 master weights for its duration.
+    """
     import torch
 
     dtype = input_embeddings(model).weight.dtype

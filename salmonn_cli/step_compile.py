@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import UsageError
@@ -95,7 +95,7 @@ class StepShape:
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:32]
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
 
 
 def was_compiled(markers: Path, shape: StepShape) -> bool:
@@ -109,7 +109,7 @@ def mark_compiled(markers: Path, shape: StepShape, seconds: float) -> None:
 
     try:
         markers.mkdir(parents=True, exist_ok=True)
-        record = {**shape.__dict__, "seconds": round(seconds, 2)}
+        record = {**asdict(shape), "seconds": round(seconds, 2)}
         write_text_atomically(markers / f"{shape.key}.json", json.dumps(record))
     except OSError:
         pass

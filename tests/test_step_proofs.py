@@ -67,12 +67,13 @@ def _run(engine, embeds, fed) -> list[torch.Tensor]:
 
 
 # -- no host sync in a recordable step -------------------------------------------------------------------------
-def _quantised_reference_lm(components, mode: str, backend: str):
+def _loaded_reference_lm(components, mode: str = "none", backend: str = "auto", dtype=torch.float32):
+    """The reference LM through the loaders (as load_model runs them) in `dtype`, quantised under (mode, backend)."""
     from quantize import QuantSpec, llm_quantization_config
     from salmonn_cli.checkpoint import read_salmonn_checkpoint
     from salmonn_cli.llm import LoraSpec, attach_lora, load_language_model, quantize_base_layers
 
-    spec, dtype = QuantSpec(mode, backend), torch.float32
+    spec = QuantSpec(mode, backend)
     ckpt = read_salmonn_checkpoint(components / "salmonn.pth")
     lm = load_language_model(components / "llm", dtype=dtype, device="cpu",
                              quantization_config=llm_quantization_config(spec, "cpu", dtype))  # fmt: skip
@@ -88,7 +89,7 @@ CPU_ONLY_KERNELS = ("bitsandbytes/backends/cpu/",)
 @pytest.mark.parametrize("backend", ["full precision", "bitsandbytes-4bit"])
 def test_the_masked_step_reads_nothing_back_to_the_host(components, backend):
     """Every backend the project records on CUDA (full precision, NF4; torchao is pure aten ops) passes the guard."""
-    lm = _build_reference_lm(components) if backend == "full precision" else _quantised_reference_lm(
+    lm = _build_reference_lm(components) if backend == "full precision" else _loaded_reference_lm(
         components, "4bit", "bitsandbytes")  # fmt: skip
     engine = LlamaEngine(lm, masked_steps=True)
     with torch.inference_mode():
@@ -100,7 +101,7 @@ def test_the_masked_step_reads_nothing_back_to_the_host(components, backend):
 
 
 def test_llm_int8_reads_its_outliers_on_the_host_so_it_is_never_recorded(components, notices):
-    lm = _quantised_reference_lm(components, "8bit", "bitsandbytes")
+    lm = _loaded_reference_lm(components, "8bit", "bitsandbytes")
     masked = LlamaEngine(lm, masked_steps=True)
     with torch.inference_mode():
         masked.start(_embeds(lm), 1, 4)
@@ -276,12 +277,8 @@ KERNELS_PER_LAYER = {torch.float32: 44, torch.bfloat16: 48}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_kernels_per_decoder_layer_in_the_recorded_step(components, dtype):
-    lm = _build_reference_lm(components)
-    if dtype != torch.float32:
-        from salmonn_cli.llm import decoding_lora_dtype
-
-        lm.to(dtype)  # peft's float32 LoRA goes to bfloat16 too; decoding_lora_dtype is what loading calls
-        decoding_lora_dtype(lm)
+    lm = _loaded_reference_lm(components, dtype=dtype)  # loading puts LoRA in the LLM's dtype, not peft's float32
+    assert {layer.lora_A["default"].weight.dtype for layer in lora_layers(lm)} == {dtype}
     engine = LlamaEngine(lm, masked_steps=True)
     embeds = _embeds(lm).to(dtype)
     with torch.inference_mode():

@@ -105,21 +105,20 @@ def open_model(choice: ModelChoice, *, long_lived: bool = False) -> LoadedModel:
     auto` weighs against the start cost of compiling the decode step."""
     from ..train.composed_file import is_composed_model_file
 
-    loaded = open_composed(choice) if is_composed_model_file(choice.model) else _open_published(choice, long_lived)
-    _plan_compiling(loaded.model, choice.compile, long_lived)
-    return loaded
+    if is_composed_model_file(choice.model):
+        return open_composed(choice, long_lived=long_lived)
+    return _open_published(choice, long_lived)
 
 
-def _plan_compiling(model, mode: str, long_lived: bool) -> None:
+def _plan_compiling(model, plan) -> None:
     """Tell the model's decode engine which step shapes to compile (a causal LLM's; T5's steps are not compiled)."""
     from torch import nn
 
     from ..engine import plan_compile
-    from ..step_compile import compile_plan
 
     engine = model.decode_engine()
     if isinstance(engine, nn.Module):
-        plan_compile(engine, compile_plan(mode, long_lived=long_lived, device_type=model.device.type))
+        plan_compile(engine, plan)
 
 
 def _open_published(choice: ModelChoice, long_lived: bool) -> LoadedModel:
@@ -155,12 +154,13 @@ def _open_published(choice: ModelChoice, long_lived: bool) -> LoadedModel:
             settings=model_spec.settings,
         )
     stderr.print(f"[dim]Loaded {model_spec.name} in {time.perf_counter() - started:.1f} s[/]")
+    _plan_compiling(model, plan)
     checkpoint = model_spec.checkpoint
     known_sha = None if checkpoint.path else next((s.sha256 for s in checkpoint.sources if s.sha256), None)
     return LoadedModel(model, model_spec.name, Path(paths.checkpoint).name, quant.describe(), str(device), known_sha)
 
 
-def open_composed(choice: ModelChoice) -> LoadedModel:
+def open_composed(choice: ModelChoice, *, long_lived: bool = False) -> LoadedModel:
     """A model `salmonn train` built (its model.toml names the encoder, the LLM and the trained weights)."""
     import torch
 
@@ -174,7 +174,7 @@ def open_composed(choice: ModelChoice) -> LoadedModel:
                          " model's are named in its model.toml")  # fmt: skip
     spec = read_composed_file(choice.model)
     device = resolve_device(choice.device)
-    compile_plan(choice.compile, long_lived=False, device_type=device.type)  # a wrong value, before anything loads
+    plan = compile_plan(choice.compile, long_lived=long_lived, device_type=device.type)  # before anything loads
     if device.type == "cpu" and choice.device == "auto":
         warn("no CUDA GPU found: running on the CPU, which is slow")
     dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32}.get(choice.dtype)
@@ -195,6 +195,7 @@ def open_composed(choice: ModelChoice) -> LoadedModel:
         model, _ = load_composed(spec, encoder_path=encoder, llm_path=llm, device=device, dtype=dtype,
                                  quantization=quant)  # fmt: skip
     stderr.print(f"[dim]Loaded {spec.name} in {time.perf_counter() - started:.1f} s[/]")
+    _plan_compiling(model, plan)
     described = "none" if quant is None else choice.quant
     return LoadedModel(model, spec.name, spec.weights.name, described, str(device))
 
